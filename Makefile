@@ -1,0 +1,44 @@
+# sneakers23: `make run` serves the store, `make test` runs every test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+
+.PHONY: run test cluster seed lint bench clean
+
+run: $(STAMP)
+	$(PY) sneakers23.py
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+seed: $(STAMP)
+	$(PY) sneakers23.py seed
+
+# Three nodes of peers.toml in the foreground; Ctrl-C stops them all.
+cluster: $(STAMP)
+	$(PY) sneakers23.py seed
+	@SNEAKERS23_ADMIN_TOKEN=$${SNEAKERS23_ADMIN_TOKEN:-$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(24))')}; \
+	export SNEAKERS23_ADMIN_TOKEN; \
+	echo "admin token for the cluster: $$SNEAKERS23_ADMIN_TOKEN"; \
+	trap 'kill 0' INT TERM; \
+	for node in a b c; do \
+	  $(PY) sneakers23.py --config peers.toml --node $$node & \
+	done; \
+	wait
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sneakers23.py tests bench
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1475 @@
+"""sneakers23: a real-time sneaker store for flash-sale drops.
+
+One module holds the whole server: Peewee models on SQLite or PostgreSQL,
+the node's in-memory inventory, a Server-Sent Events hub, ZeroMQ
+replication between nodes, the Bottle web app and the command line.
+
+    python sneakers23.py                      # seed if needed, serve :8023
+    python sneakers23.py --config peers.toml --node b
+    python sneakers23.py seed --reset
+    python sneakers23.py release SHU6000
+    python sneakers23.py sell-random --until-gone
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse
+import hashlib
+import hmac
+import http.client
+import itertools
+import json
+import logging
+import os
+import random
+import secrets
+import signal
+import sys
+import time
+import tomllib
+import urllib.parse
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import bottle
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.pool
+import gevent.queue
+import gevent.threadpool
+from gevent.pywsgi import WSGIServer
+from peewee import (
+    BooleanField,
+    CharField,
+    Check,
+    DatabaseProxy,
+    DateTimeField,
+    ForeignKeyField,
+    IntegerField,
+    IntegrityError,
+    Model,
+    OperationalError,
+    SqliteDatabase,
+)
+
+logger = logging.getLogger('sneakers23')
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VIEWS_DIR = os.path.join(HERE, 'views')
+STATIC_DIR = os.path.join(HERE, 'static')
+DATA_DIR = os.path.join(HERE, 'data')
+CATALOG_PATH = os.path.join(DATA_DIR, 'catalog.toml')
+DEFAULT_DB_URL = f"sqlite:///{os.path.join(DATA_DIR, 'sneakers23.db')}"
+DEFAULT_HOST, DEFAULT_PORT = '127.0.0.1', 8023
+DEFAULT_URL = f'http://{DEFAULT_HOST}:{DEFAULT_PORT}'
+
+SIZES = tuple(f'{n / 2:g}' for n in range(12, 25))
+LEVEL_THRESHOLDS = ((150, 'low'), (500, 'medium'))
+LEVELS = ('out', 'low', 'medium', 'high')
+
+SHOPPER_COOKIE = 's23_shopper'
+SHOPPER_MAX_AGE = 90 * 24 * 3600
+MAX_BODY = 4096
+MAX_RESTOCK = 1_000_000
+MAX_BATCH = 256
+PG_POOL_SIZE = 4
+
+SSE_RETRY_MS = 2000
+SSE_KEEPALIVE = 15.0
+SSE_BUFFER = 4096
+SSE_WATCHDOG_INTERVAL = 1.0
+
+
+class Sneakers23Error(Exception): pass
+class ConfigError(Sneakers23Error): pass
+class Unavailable(Sneakers23Error): pass
+
+
+class ApiError(Sneakers23Error):
+    """An error answered to an HTTP client as `{"error": code}`."""
+
+    def __init__(self, status, code):
+        super().__init__(code)
+        self.status, self.code = status, code
+
+
+@dataclass
+class Config:
+    """Everything a node needs to know before it starts."""
+
+    node: str = 'a'
+    db_url: str = DEFAULT_DB_URL
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    admin_token: str = ''
+    seed_when_empty: bool = True
+    catalog: str = CATALOG_PATH
+    peers: dict = field(default_factory=dict)
+    replication: str = ''
+
+
+def level_of(count):
+    """The stock level a shopper sees for `count` pairs left."""
+    if count <= 0:
+        return 'out'
+    for limit, level in LEVEL_THRESHOLDS:
+        if count < limit:
+            return level
+    return 'high'
+
+
+def utcnow():
+    """The current time in UTC, without tzinfo (as stored)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def load_cluster(path, node):
+    """Read `peers.toml` and return (config fields for `node`)."""
+    try:
+        with open(path, 'rb') as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f'cannot read {path}: {e.strerror}') from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f'{path} is not valid TOML: {e}') from None
+    nodes = doc.get('nodes')
+    if not isinstance(nodes, dict) or node not in nodes:
+        known = ', '.join(sorted(nodes or {})) or 'none'
+        raise ConfigError(f'node {node!r} is not in {path} (nodes: {known})')
+    me = nodes[node]
+    host, port = _split_hostport(me.get('http', ''), path, node)
+    db_url = doc.get('database', DEFAULT_DB_URL)
+    peers = {name: spec for name, spec in nodes.items() if name != node}
+    return dict(node=node, host=host, port=port, db_url=db_url,
+                peers=peers, replication=me.get('replication', ''))
+
+
+def _split_hostport(text, path, node):
+    """Split "host:port" from peers.toml, or explain what is wrong."""
+    host, _, port = str(text).rpartition(':')
+    if not host or not port.isdigit():
+        raise ConfigError(f'{path}: nodes.{node}.http must be "host:port"')
+    return host, int(port)
+
+
+def open_database(url):
+    """Make a Peewee database for `sqlite:///path` or `postgresql://...`."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == 'sqlite':
+        return _open_sqlite(url[len('sqlite:///'):] if url.startswith(
+            'sqlite:///') else '')
+    if parts.scheme in ('postgresql', 'postgres'):
+        return _open_postgresql(parts)
+    raise ConfigError(f'unsupported database URL {url!r}: use '
+                      'sqlite:///path or postgresql://user@host:port/db')
+
+
+def _open_sqlite(path):
+    """SQLite in WAL mode, full sync: a committed order survives a crash."""
+    if not path:
+        raise ConfigError('a SQLite URL needs a path: sqlite:///data/x.db')
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f'no such folder for the database: {folder}')
+    pragmas = {'journal_mode': 'wal', 'synchronous': 'full',
+               'foreign_keys': 1, 'busy_timeout': 5000}
+    return SqliteDatabase(path, pragmas=pragmas, returning_clause=True)
+
+
+def _open_postgresql(parts):
+    """PostgreSQL through psycopg2, made cooperative by psycogreen."""
+    try:
+        import psycogreen.gevent
+        from playhouse.pool import PooledPostgresqlDatabase
+    except ImportError as e:  # pragma: no cover - pinned in requirements
+        raise ConfigError(f'PostgreSQL support is missing: {e}') from None
+    psycogreen.gevent.patch_psycopg()
+    name = parts.path.lstrip('/')
+    if not name:
+        raise ConfigError('a PostgreSQL URL needs a database name')
+    return PooledPostgresqlDatabase(
+        name, user=parts.username, password=parts.password,
+        host=parts.hostname or '127.0.0.1', port=parts.port or 5432,
+        max_connections=PG_POOL_SIZE + 2, stale_timeout=300,
+        connect_timeout=3)
+
+
+def redact(url):
+    """A database URL safe to show: without its password."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f':{parts.password}@', ':***@')
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+db = DatabaseProxy()
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+
+
+class Product(BaseModel):
+    sku = CharField(unique=True)
+    brand = CharField()
+    name = CharField()
+    color = CharField()
+    price_cents = IntegerField()
+    image = CharField()
+    position = IntegerField(index=True)
+    released = BooleanField(default=False)
+    release_at = DateTimeField(null=True)
+
+    @classmethod
+    def release(cls, product_id):
+        """Mark a product released; True when it was not already."""
+        return bool(cls
+                    .update(released=True, release_at=utcnow())
+                    .where((cls.id == product_id) & (cls.released == False))  # noqa: E712,E501
+                    .execute())
+
+
+class Item(BaseModel):
+    product = ForeignKeyField(Product, backref='items', on_delete='CASCADE')
+    sku = CharField(unique=True)
+    size = CharField()
+
+    class Meta:
+        indexes = ((('product', 'size'), True),)
+
+
+class Availability(BaseModel):
+    item = ForeignKeyField(Item, unique=True, on_delete='CASCADE')
+    count = IntegerField(constraints=[Check('count >= 0')])
+    version = IntegerField(default=1)
+
+    @classmethod
+    def take_one(cls, item_id):
+        """Decrement an item's count if it is above 0: (count, version)."""
+        rows = (cls
+                .update(count=cls.count - 1, version=cls.version + 1)
+                .where((cls.item == item_id) & (cls.count > 0))
+                .returning(cls.count, cls.version)
+                .tuples()
+                .execute())
+        return next(iter(rows), None)
+
+    @classmethod
+    def add(cls, item_id, count):
+        """Put `count` more pairs on an item: (count, version)."""
+        rows = (cls
+                .update(count=cls.count + count, version=cls.version + 1)
+                .where(cls.item == item_id)
+                .returning(cls.count, cls.version)
+                .tuples()
+                .execute())
+        return next(iter(rows), None)
+
+
+class Order(BaseModel):
+    item = ForeignKeyField(Item, on_delete='CASCADE')
+    product = ForeignKeyField(Product, on_delete='CASCADE')
+    shopper = CharField()
+    node = CharField()
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = 'orders'
+        indexes = ((('shopper', 'product'), True),)
+
+
+class Setting(BaseModel):
+    """Store-wide values every node shares, such as the cookie key."""
+
+    key = CharField(primary_key=True)
+    value = CharField()
+
+    @classmethod
+    def get_or_make(cls, key, make):
+        """The value under `key`, stored first from `make()` if missing."""
+        cls.insert(key=key, value=make()).on_conflict_ignore().execute()
+        return cls.get_by_id(key).value
+
+
+MODELS = (Product, Item, Availability, Order, Setting)
+
+
+@dataclass
+class Purchase:
+    """One shopper's request for one item, on its way to the database."""
+
+    item_id: int
+    product_id: int
+    shopper: str
+    result: gevent.event.AsyncResult = field(
+        default_factory=gevent.event.AsyncResult)
+
+
+@dataclass
+class Placed:
+    order_id: int
+    count: int
+    version: int
+
+
+SOLD_OUT, ALREADY_PURCHASED = 'sold_out', 'already_purchased'
+
+
+def place_orders(purchases, node):
+    """Commit a batch of purchases in one transaction; one outcome each.
+
+    Rows are touched in item order so that concurrent batches (other
+    connections, other nodes) always lock in the same order.
+    """
+    outcomes = {}
+    with db.atomic():
+        for p in sorted(purchases, key=lambda p: p.item_id):
+            outcomes[id(p)] = _place_order(p, node)
+    return [outcomes[id(p)] for p in purchases]
+
+
+def _place_order(p, node):
+    """Conditional decrement plus the order row, in one savepoint."""
+    try:
+        with db.atomic():
+            row = Availability.take_one(p.item_id)
+            if row is None:
+                return SOLD_OUT
+            order_id = (Order
+                        .insert(item=p.item_id, product=p.product_id,
+                                shopper=p.shopper, node=node)
+                        .execute())
+            return Placed(order_id, *row)
+    except IntegrityError:
+        return ALREADY_PURCHASED
+
+
+def catalogue_rows():
+    """Every product with its items and counts, in display order."""
+    items = (Item
+             .select(Item, Availability)
+             .join(Availability)
+             .order_by(Item.product, Item.id)
+             .objects())
+    by_product = {}
+    for item in items:
+        by_product.setdefault(item.product_id, []).append(item)
+    products = Product.select().order_by(Product.position, Product.id)
+    return [(p, by_product.get(p.id, [])) for p in products]
+
+
+def create_tables():
+    """Create every table that is missing."""
+    db.create_tables(MODELS, safe=True)
+
+
+def seed(catalog_path, reset=False):
+    """Fill the database from the catalogue; returns products written."""
+    with open(catalog_path, 'rb') as f:
+        entries = tomllib.load(f).get('products', [])
+    with db.atomic():
+        if reset:
+            db.drop_tables(MODELS, safe=True)
+        create_tables()
+        if Product.select().exists():
+            return 0
+        for position, entry in enumerate(entries):
+            _seed_product(position, entry)
+    return len(entries)
+
+
+def _seed_product(position, entry):
+    """Write one catalogue entry: the product, its items, their stock."""
+    stock = entry.get('stock', {})
+    product = Product.create(
+        sku=entry['sku'], brand=entry['brand'], name=entry['name'],
+        color=entry['color'], price_cents=entry['price_cents'],
+        image=entry['image'], position=position,
+        released=entry.get('released', False))
+    for size in SIZES:
+        item = Item.create(product=product, size=size,
+                           sku=f"{entry['sku']}-{size}")
+        Availability.create(item=item, count=int(stock.get(size, 0)))
+
+
+# ---------------------------------------------------------------------------
+# Inventory: the node's in-memory store
+# ---------------------------------------------------------------------------
+
+class ItemState:
+    """One size of one product as this node knows it."""
+
+    __slots__ = ('id', 'product_id', 'sku', 'size', 'count', 'version')
+
+    def __init__(self, id, product_id, sku, size, count, version):
+        self.id, self.product_id, self.sku = id, product_id, sku
+        self.size, self.count, self.version = size, count, version
+
+    @property
+    def level(self):
+        return level_of(self.count)
+
+    def as_json(self):
+        return {'id': self.id, 'sku': self.sku, 'size': self.size,
+                'count': self.count, 'level': self.level}
+
+
+class ProductState:
+    """A product as this node knows it, with its items in size order."""
+
+    __slots__ = ('id', 'sku', 'brand', 'name', 'color', 'price_cents',
+                 'image', 'position', 'released', 'release_at', 'items',
+                 'json')
+
+    def __init__(self, row, items):
+        for name in self.__slots__[:-2]:
+            setattr(self, name, getattr(row, name))
+        self.items = items
+        self.json = None
+
+    def as_json(self):
+        release_at = self.release_at and self.release_at.isoformat() + 'Z'
+        return {'id': self.id, 'sku': self.sku, 'brand': self.brand,
+                'name': self.name, 'color': self.color,
+                'price_cents': self.price_cents, 'image': self.image,
+                'released': self.released, 'release_at': release_at,
+                'items': [item.as_json() for item in self.items]}
+
+    def json_bytes(self):
+        """This product's `/api/products` entry, encoded once per change."""
+        if self.json is None:
+            self.json = json.dumps(self.as_json(),
+                                   separators=(',', ':')).encode()
+        return self.json
+
+
+class Inventory:
+    """Every product and item of the store, held in memory.
+
+    Readers use it without touching the database. Writers change the
+    database first and then call `item_changed` / `product_released`,
+    which also tell the listeners (the event hub, replication).
+    """
+
+    def __init__(self):
+        self.products, self.items = {}, {}
+        self.revision = 0
+        self._listeners = []
+
+    def load(self, rows):
+        """Replace everything with `catalogue_rows()` output."""
+        products, items = {}, {}
+        for row, item_rows in rows:
+            states = [ItemState(i.id, row.id, i.sku, i.size, i.count,
+                                i.version) for i in item_rows]
+            products[row.id] = ProductState(row, states)
+            items.update((s.id, s) for s in states)
+        self.products, self.items = products, items
+        self.revision += 1
+
+    def listen(self, callback):
+        """Call `callback(kind, product, item, old_level, local)`."""
+        self._listeners.append(callback)
+
+    def ordered(self):
+        """Products in display order."""
+        return sorted(self.products.values(),
+                      key=lambda p: (p.position, p.id))
+
+    def item_changed(self, item_id, count, version, local=True):
+        """Apply a new count when `version` is newer; True if applied."""
+        item = self.items.get(item_id)
+        if item is None or version <= item.version:
+            return False
+        old_level = item.level
+        item.count, item.version = count, version
+        product = self.products[item.product_id]
+        self._touch(product)
+        self._tell('availability', product, item, old_level, local)
+        return True
+
+    def product_released(self, product_id, local=True):
+        """Mark a product released; True if it was not already."""
+        product = self.products.get(product_id)
+        if product is None or product.released:
+            return False
+        product.released = True
+        product.release_at = product.release_at or utcnow()
+        self._touch(product)
+        self._tell('released', product, None, None, local)
+        return True
+
+    def released_stock(self):
+        """Pairs left across every released product."""
+        return sum(item.count for p in self.products.values()
+                   if p.released for item in p.items)
+
+    def _touch(self, product):
+        product.json = None
+        self.revision += 1
+
+    def _tell(self, kind, product, item, old_level, local):
+        for callback in self._listeners:
+            try:
+                callback(kind, product, item, old_level, local)
+            except Exception:
+                logger.exception('inventory listener %r failed', callback)
+
+
+class DatabaseRunner:
+    """Runs database work without blocking the gevent hub.
+
+    SQLite has no cooperative driver, so its work runs on one native
+    thread that owns the connection (one writer per process, as SQLite
+    wants). PostgreSQL work runs in the calling greenlet through
+    psycogreen, at most `PG_POOL_SIZE` at a time.
+    """
+
+    def __init__(self, database):
+        self.database = database
+        self.is_sqlite = isinstance(database, SqliteDatabase)
+        self._thread = gevent.threadpool.ThreadPool(1)
+        self._slots = gevent.lock.BoundedSemaphore(PG_POOL_SIZE)
+
+    def run(self, fn, *args):
+        """Call `fn(*args)` with a database connection; return its result."""
+        if self.is_sqlite:
+            return self._thread.apply(self._in_thread, (fn, args))
+        with self._slots, db.connection_context():
+            return fn(*args)
+
+    def _in_thread(self, fn, args):
+        if db.is_closed():
+            db.connect()
+        return fn(*args)
+
+    def close(self):
+        """Close connections and stop the SQLite thread."""
+        if self.is_sqlite:
+            self._thread.apply(db.close)
+            self._thread.kill()
+        else:
+            db.close_all()
+
+
+class Store:
+    """The node's write path: database first, then memory.
+
+    Purchases queue here and are committed in batches (group commit):
+    everything that arrived while the previous batch was in the database
+    goes into the next transaction.
+    """
+
+    def __init__(self, runner, inventory, node):
+        self.runner, self.inventory, self.node = runner, inventory, node
+        self._queue = gevent.queue.Queue()
+        workers = 1 if runner.is_sqlite else PG_POOL_SIZE
+        self._workers = [gevent.spawn(self._commit_loop)
+                         for _ in range(workers)]
+
+    def load(self):
+        """(Re)load the whole inventory from the database."""
+        self.inventory.load(self.runner.run(catalogue_rows))
+
+    def buy(self, item, shopper):
+        """Place one order; returns Placed, SOLD_OUT or ALREADY_PURCHASED."""
+        purchase = Purchase(item.id, item.product_id, shopper)
+        self._queue.put(purchase)
+        return purchase.result.get()
+
+    def release(self, product_id):
+        """Release a product; True if this call released it."""
+        self.runner.run(Product.release, product_id)
+        return self.inventory.product_released(product_id)
+
+    def restock(self, item_id, count):
+        """Add pairs to an item; returns its new count."""
+        row = self.runner.run(lambda: _atomic(Availability.add, item_id,
+                                              count))
+        if row is None:
+            raise ApiError(404, 'not_found')
+        self.inventory.item_changed(item_id, *row)
+        return row[0]
+
+    def stop(self):
+        """Stop taking purchases and close the database."""
+        gevent.killall(self._workers)
+        self.runner.close()
+
+    def _commit_loop(self):
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                self._commit(batch)
+            except Exception as e:
+                logger.exception('purchase batch of %d failed', len(batch))
+                for p in batch:
+                    if not p.result.ready():
+                        p.result.set_exception(Unavailable(str(e)))
+
+    def _commit(self, batch):
+        outcomes = self.runner.run(place_orders, batch, self.node)
+        for purchase, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Placed):
+                self.inventory.item_changed(
+                    purchase.item_id, outcome.count, outcome.version)
+            elif outcome == SOLD_OUT:
+                self._note_sold_out(purchase.item_id)
+            purchase.result.set(outcome)
+
+    def _note_sold_out(self, item_id):
+        """The database says 0: make sure memory agrees."""
+        item = self.inventory.items.get(item_id)
+        if item is not None and item.count > 0:
+            self.load_item(item_id)
+
+    def load_item(self, item_id):
+        """Refresh one item's count from the database."""
+        row = self.runner.run(
+            lambda: Availability
+            .select(Availability.count, Availability.version)
+            .where(Availability.item == item_id).tuples().first())
+        if row is not None:
+            self.inventory.item_changed(item_id, *row)
+
+
+def _atomic(fn, *args):
+    """Call `fn` inside a transaction."""
+    with db.atomic():
+        return fn(*args)
+
+
+# ---------------------------------------------------------------------------
+# Event hub: Server-Sent Events
+# ---------------------------------------------------------------------------
+
+def format_event(name, data, event_id):
+    """Encode one SSE event: the exact bytes every stream receives."""
+    payload = json.dumps(data, separators=(',', ':'))
+    return f'id: {event_id}\nevent: {name}\ndata: {payload}\n\n'.encode()
+
+
+def render(name, **context):
+    """Render a template from `views/`."""
+    return bottle.template(name, template_lookup=[VIEWS_DIR], **context)
+
+
+def size_html(product):
+    """The size selector of a released product, as the page shows it."""
+    return render('size_selector', product=product)
+
+
+def snapshot_of(products):
+    """The `snapshot` event body for `products`."""
+    return {'products': [
+        {'product_id': p.id, 'released': p.released,
+         'items': [{'id': i.id, 'level': i.level} for i in p.items]}
+        for p in products]}
+
+
+class StreamState:
+    """What the hub keeps per open stream: where it is, what it wants."""
+
+    __slots__ = ('cursor', 'products', 'greenlet')
+
+    def __init__(self, cursor, products, greenlet):
+        self.cursor, self.products, self.greenlet = cursor, products, greenlet
+
+
+class EventHub:
+    """Fan-out of inventory events to every open SSE stream.
+
+    Each event is encoded once into a bounded ring buffer; streams keep
+    only a cursor into it and sleep on one shared wake-up event. A stream
+    that falls out of the ring (a client that stopped reading) is cut off
+    and comes back with `Last-Event-ID`, getting a snapshot.
+    """
+
+    def __init__(self, inventory, buffer_size=SSE_BUFFER):
+        self.inventory = inventory
+        self.epoch = format(int(time.time() * 1000), 'x')
+        self.seq = 0
+        self._ring = deque(maxlen=buffer_size)
+        self._wakeup = gevent.event.Event()
+        self._streams = set()
+        self._shutdown = gevent.event.Event()
+        self._watchdog = None
+
+    @property
+    def last_event_id(self):
+        return f'{self.epoch}-{self.seq}'
+
+    @property
+    def open_streams(self):
+        return len(self._streams)
+
+    def start(self):
+        self._watchdog = gevent.spawn(self._watch)
+
+    def stop(self):
+        self._shutdown.set()
+        if self._watchdog:
+            self._watchdog.kill()
+        for state in list(self._streams):
+            state.greenlet.kill(block=False)
+
+    def on_inventory(self, kind, product, item, old_level, local):
+        """Inventory listener: turn a change into the events shoppers see."""
+        if kind == 'released':
+            self.publish('released', product.id, {
+                'product_id': product.id, 'size_html': size_html(product),
+                'items': [{'id': i.id, 'size': i.size, 'level': i.level}
+                          for i in product.items]})
+        elif kind == 'availability':
+            level = item.level
+            if level != old_level or level == 'out':
+                self.publish('stock_change', product.id, {
+                    'product_id': product.id, 'item_id': item.id,
+                    'level': level})
+
+    def publish(self, name, product_id, data):
+        """Encode an event once and wake every stream."""
+        self.seq += 1
+        payload = format_event(name, data, self.last_event_id)
+        self._ring.append((self.seq, product_id, payload))
+        wakeup, self._wakeup = self._wakeup, gevent.event.Event()
+        wakeup.set()
+
+    def stream(self, products=None, last_event_id=None):
+        """The bytes of one SSE stream, for as long as the client stays."""
+        cursor = self._resume_cursor(last_event_id)
+        state = StreamState(self.seq, products, gevent.getcurrent())
+        self._streams.add(state)
+        try:
+            yield self._opening(cursor, products)
+            while not self._shutdown.is_set():
+                chunk = self._next_chunk(state)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            self._streams.discard(state)
+
+    def _opening(self, cursor, products):
+        """`retry:` plus the missed events, or a snapshot."""
+        head = f'retry: {SSE_RETRY_MS}\n\n'.encode()
+        if cursor is None:
+            return head + self._snapshot(products)
+        missed = self._since(cursor, products)
+        if missed is None:
+            return head + self._snapshot(products)
+        return head + missed
+
+    def _snapshot(self, products):
+        chosen = [p for p in self.inventory.ordered()
+                  if products is None or p.id in products]
+        return format_event('snapshot', snapshot_of(chosen),
+                            self.last_event_id)
+
+    def _resume_cursor(self, last_event_id):
+        """The seq to resume after, or None when a snapshot is needed."""
+        if not last_event_id:
+            return self.seq
+        epoch, _, seq = last_event_id.partition('-')
+        if epoch != self.epoch or not seq.isdigit() or int(seq) > self.seq:
+            return None
+        return int(seq)
+
+    def _since(self, cursor, products):
+        """Buffered events after `cursor`, or None if some are gone."""
+        first = self._ring[0][0] if self._ring else self.seq + 1
+        if cursor < first - 1:
+            return None
+        skip = cursor - first + 1
+        return b''.join(payload for _, pid, payload
+                        in itertools.islice(self._ring, skip, None)
+                        if products is None or pid in products)
+
+    def _next_chunk(self, state):
+        """Wait for events (or the keep-alive) and return them as bytes."""
+        while True:
+            wakeup = self._wakeup
+            chunk = self._since(state.cursor, state.products)
+            state.cursor = self.seq
+            if chunk is None:
+                return None
+            if chunk:
+                return chunk
+            if not wakeup.wait(SSE_KEEPALIVE):
+                return b': keep-alive\n\n'
+
+    def _watch(self):
+        """Cut off streams whose client stopped reading."""
+        while not self._shutdown.wait(SSE_WATCHDOG_INTERVAL):
+            try:
+                self._cut_off_laggards()
+            except Exception:
+                logger.exception('SSE watchdog failed')
+
+    def _cut_off_laggards(self):
+        first = self._ring[0][0] if self._ring else self.seq + 1
+        for state in [s for s in self._streams if s.cursor < first - 1]:
+            logger.info('cutting off an SSE client that stopped reading')
+            self._streams.discard(state)
+            state.greenlet.kill(block=False)
+
+
+# ---------------------------------------------------------------------------
+# Web: the Bottle app
+# ---------------------------------------------------------------------------
+
+def sign(value, key):
+    """`value.signature` with an HMAC-SHA256 of `value`."""
+    mac = hmac.new(key.encode(), value.encode(), hashlib.sha256)
+    return f'{value}.{mac.hexdigest()[:32]}'
+
+
+def unsign(signed, key):
+    """The value of a signed cookie, or None when the signature is wrong."""
+    value, _, _ = (signed or '').rpartition('.')
+    if value and hmac.compare_digest(sign(value, key), signed):
+        return value
+    return None
+
+
+def price(cents):
+    """Price for people: 12000 -> "$120.00"."""
+    return f'${cents / 100:,.2f}'
+
+
+class Node:
+    """One running store node: database, memory, events, web app."""
+
+    def __init__(self, config):
+        self.config = config
+        self.database = open_database(config.db_url)
+        db.initialize(self.database)
+        self.runner = DatabaseRunner(self.database)
+        self.inventory = Inventory()
+        self.hub = EventHub(self.inventory)
+        self.inventory.listen(self.hub.on_inventory)
+        self.store = Store(self.runner, self.inventory, config.node)
+        self.cookie_key = ''
+        self._cache = {}
+
+    def start(self):
+        """Prepare the database, load memory, start background work."""
+        self.runner.run(self._prepare_database)
+        self.store.load()
+        self.hub.start()
+
+    def stop(self):
+        self.hub.stop()
+        self.store.stop()
+
+    def _prepare_database(self):
+        create_tables()
+        if self.config.seed_when_empty and not Product.select().exists():
+            count = seed(self.config.catalog)
+            logger.info('seeded %d products from %s', count,
+                        self.config.catalog)
+        self.cookie_key = Setting.get_or_make(
+            'cookie_key', lambda: secrets.token_hex(32))
+
+    def cached(self, name, key, make):
+        """`make()` once per value of `key`."""
+        made_for, body = self._cache.get(name, (None, None))
+        if made_for != key:
+            body = make()
+            self._cache[name] = (key, body)
+        return body
+
+    def page(self):
+        """The catalogue page, rendered once per event (what it shows)."""
+        return self.cached('page', self.hub.last_event_id, lambda: render(
+            'index', products=self.inventory.ordered(), price=price,
+            event_id=self.hub.last_event_id).encode())
+
+    def products_json(self):
+        """`/api/products` as bytes, rebuilt from per-product parts."""
+        return self.cached('products', self.inventory.revision,
+                           lambda: b'[' + b','.join(
+            p.json_bytes() for p in self.inventory.ordered()) + b']')
+
+
+def json_response(status, data, **headers):
+    """A Bottle response with a JSON body."""
+    return bottle.HTTPResponse(json.dumps(data), status, headers,
+                               content_type='application/json')
+
+
+def json_body(required_type=dict):
+    """The request's JSON object, or an ApiError saying what is wrong."""
+    ctype = bottle.request.content_type.split(';')[0].strip().lower()
+    if ctype != 'application/json':
+        raise ApiError(415, 'content type must be application/json')
+    if (bottle.request.content_length or 0) > MAX_BODY:
+        raise ApiError(413, 'body too large')
+    raw = bottle.request.body.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, 'body too large')
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, 'malformed JSON') from None
+    if not isinstance(data, required_type):
+        raise ApiError(400, 'body must be a JSON object')
+    return data
+
+
+def positive_int(data, key, limit=2**53):
+    """`data[key]` as an int in 1..limit, or an ApiError."""
+    value = data.get(key)
+    if type(value) is not int:
+        raise ApiError(400, f'{key} must be an integer')
+    if not 0 < value <= limit:
+        raise ApiError(400, f'{key} must be between 1 and {limit}')
+    return value
+
+
+def product_filter(text):
+    """`?products=1,2` as a set of ids, or None for every product."""
+    if not text:
+        return None
+    try:
+        return {int(part) for part in text.split(',') if part.strip()}
+    except ValueError:
+        raise ApiError(400, 'products must be a comma-separated list of '
+                            'ids') from None
+
+
+def api_errors(callback):
+    """Bottle plugin: an ApiError becomes its JSON answer."""
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except ApiError as e:
+            return json_response(e.status, {'error': e.code})
+        except Unavailable:
+            return json_response(503, {'error': 'unavailable'},
+                                 **{'Retry-After': '1'})
+    return wrapper
+
+
+def error_page(res):
+    """Bottle's errors (no route, bad method, crashes) as JSON."""
+    if res.status_code >= 500:
+        logger.error('%s %s failed: %s', bottle.request.method,
+                     bottle.request.path, res.traceback or res.body)
+    res.set_header('Content-Type', 'application/json')
+    codes = {404: 'not_found', 405: 'method_not_allowed'}
+    code = codes.get(res.status_code)
+    return json.dumps({'error': code or str(res.body or res.status_line)})
+
+
+def create_app(config):
+    """Build a node and its Bottle app; `app.node` reaches the node."""
+    node = Node(config)
+    app = bottle.Bottle()
+    app.node = node
+    app.install(api_errors)
+    app.default_error_handler = error_page
+    _routes(app, node)
+    return app
+
+
+def _routes(app, node):
+    """Attach every route of the contract to `app`."""
+    app.route('/', 'GET', lambda: _page(node))
+    app.route('/api/products', 'GET', lambda: _products(node))
+    app.route('/events', 'GET', lambda: _events(node))
+    app.route('/api/purchase', 'POST', lambda: _purchase(node))
+    app.route('/admin/api/products/<product_id:int>/release', 'POST',
+              lambda product_id: _release(node, product_id))
+    app.route('/admin/api/items/<item_id:int>/restock', 'POST',
+              lambda item_id: _restock(node, item_id))
+    app.route('/healthz', 'GET', lambda: _health(node))
+    app.route('/static/<path:path>', 'GET', _static)
+
+
+def _page(node):
+    bottle.response.set_header('Cache-Control', 'no-store')
+    bottle.response.content_type = 'text/html; charset=utf-8'
+    return node.page()
+
+
+def _products(node):
+    bottle.response.content_type = 'application/json'
+    return node.products_json()
+
+
+def _events(node):
+    query = bottle.request.query
+    products = product_filter(query.get('products'))
+    unknown = (products or set()) - node.inventory.products.keys()
+    if unknown:
+        raise ApiError(404, 'not_found')
+    last_id = (bottle.request.get_header('Last-Event-ID')
+               or query.get('last_event_id'))
+    for name, value in (('Content-Type', 'text/event-stream'),
+                        ('Cache-Control', 'no-cache'),
+                        ('X-Accel-Buffering', 'no')):
+        bottle.response.set_header(name, value)
+    return node.hub.stream(products, last_id)
+
+
+def _purchase(node):
+    item_id = positive_int(json_body(), 'item_id')
+    shopper = _shopper(node)
+    item = node.inventory.items.get(item_id)
+    if item is None:
+        raise ApiError(404, 'not_found')
+    if not node.inventory.products[item.product_id].released:
+        raise ApiError(403, 'not_released')
+    if item.count <= 0:
+        raise ApiError(409, SOLD_OUT)
+    outcome = node.store.buy(item, shopper)
+    if not isinstance(outcome, Placed):
+        raise ApiError(409, outcome)
+    return json_response(201, {'order_id': outcome.order_id,
+                               'item_id': item.id,
+                               'product_id': item.product_id})
+
+
+def _shopper(node):
+    """This request's shopper id; a new shopper gets the cookie."""
+    signed = bottle.request.get_cookie(SHOPPER_COOKIE)
+    shopper = unsign(signed, node.cookie_key)
+    if shopper is None:
+        shopper = secrets.token_urlsafe(16)
+        bottle.response.set_cookie(
+            SHOPPER_COOKIE, sign(shopper, node.cookie_key), path='/',
+            httponly=True, samesite='lax', max_age=SHOPPER_MAX_AGE)
+    return shopper
+
+
+def _require_admin(node):
+    header = bottle.request.get_header('Authorization', '')
+    scheme, _, token = header.partition(' ')
+    good = node.config.admin_token.encode()
+    if scheme.lower() != 'bearer' or not hmac.compare_digest(
+            token.strip().encode(), good):
+        raise ApiError(401, 'unauthorized')
+
+
+def _release(node, product_id):
+    _require_admin(node)
+    if product_id not in node.inventory.products:
+        raise ApiError(404, 'not_found')
+    changed = node.store.release(product_id)
+    return {'product_id': product_id, 'released': True, 'changed': changed}
+
+
+def _restock(node, item_id):
+    _require_admin(node)
+    count = positive_int(json_body(), 'count', MAX_RESTOCK)
+    if item_id not in node.inventory.items:
+        raise ApiError(404, 'not_found')
+    total = node.store.restock(item_id, count)
+    return {'item_id': item_id, 'count': total, 'level': level_of(total)}
+
+
+def _health(node):
+    return {'node': node.config.node, 'db': redact(node.config.db_url),
+            'peers': {}, 'streams': node.hub.open_streams,
+            'products': len(node.inventory.products),
+            'event_id': node.hub.last_event_id}
+
+
+def _static(path):
+    response = bottle.static_file(path, root=STATIC_DIR)
+    if isinstance(response, bottle.HTTPError):
+        raise ApiError(response.status_code, 'not_found')
+    response.set_header('Cache-Control', 'public, max-age=60')
+    return response
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+COMMANDS = ('serve', 'seed', 'release', 'restock', 'sell-random', 'keygen')
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f'sneakers23: {message} (see --help)\n')
+
+
+def build_parser():
+    """The command line of the contract."""
+    parser = ArgumentParser(prog='sneakers23.py', description=__doc__
+                            .split('\n')[0])
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND')
+    serve = commands.add_parser('serve', help='serve the store (default)')
+    _serve_options(serve)
+    seed_cmd = commands.add_parser('seed', help='create and seed the DB')
+    seed_cmd.add_argument('--reset', action='store_true',
+                          help='drop everything (orders too) first')
+    seed_cmd.add_argument('--db', default=None, help='database URL')
+    seed_cmd.add_argument('--catalog', default=CATALOG_PATH,
+                          help='catalogue TOML (default: data/catalog.toml)')
+    release = commands.add_parser('release', help='release a product')
+    release.add_argument('product', help='product id or sku')
+    _url_option(release)
+    restock = commands.add_parser('restock', help='add stock to an item')
+    restock.add_argument('item', type=int, help='item id')
+    restock.add_argument('count', type=int, help='pairs to add (> 0)')
+    _url_option(restock)
+    sell = commands.add_parser('sell-random', help='mock shoppers buying')
+    sell.add_argument('--until-gone', action='store_true',
+                      help='stop when all released stock is sold')
+    sell.add_argument('--rate', type=float, default=0,
+                      help='purchases per second at most (default: no cap)')
+    sell.add_argument('--shoppers', type=int, default=20,
+                      help='concurrent shoppers (default 20)')
+    _url_option(sell)
+    commands.add_parser('keygen', help='print a CURVE key pair')
+    return parser
+
+
+def _serve_options(parser):
+    parser.add_argument('--config', help='cluster file (peers.toml)')
+    parser.add_argument('--node', help='this node\'s name in --config')
+    parser.add_argument('--db', help='sqlite:///path or postgresql://...')
+    parser.add_argument('--host', help=f'default {DEFAULT_HOST}')
+    parser.add_argument('--port', type=int, help=f'default {DEFAULT_PORT}')
+
+
+def _url_option(parser):
+    parser.add_argument('--url', default=DEFAULT_URL,
+                        help=f'the node to talk to (default {DEFAULT_URL})')
+
+
+def parse_args(argv):
+    """Parse argv; no command means `serve`."""
+    if not argv or argv[0] not in COMMANDS + ('-h', '--help'):
+        argv = ['serve', *argv]
+    return build_parser().parse_args(argv)
+
+
+def serve_config(args):
+    """The node's Config from `serve` arguments and the environment."""
+    fields = {}
+    if args.config or args.node:
+        if not (args.config and args.node):
+            raise ConfigError('--config and --node go together')
+        fields.update(load_cluster(args.config, args.node))
+    for name in ('db', 'host', 'port'):
+        value = getattr(args, name)
+        if value is not None:
+            fields['db_url' if name == 'db' else name] = value
+    if not 0 < fields.get('port', DEFAULT_PORT) < 65536:
+        raise ConfigError('--port must be between 1 and 65535')
+    fields['admin_token'] = os.environ.get('SNEAKERS23_ADMIN_TOKEN', '')
+    return Config(**fields)
+
+
+def serve(config):
+    """Run one node until SIGINT or SIGTERM."""
+    if not config.admin_token:
+        config.admin_token = secrets.token_urlsafe(24)
+        print(f'admin token (set SNEAKERS23_ADMIN_TOKEN to choose one): '
+              f'{config.admin_token}', flush=True)
+    app = create_app(config)
+    try:
+        app.node.start()
+    except OperationalError as e:
+        raise ConfigError(f'cannot use the database '
+                          f'{redact(config.db_url)}: {_first_line(e)}') \
+            from None
+    server = WSGIServer((config.host, config.port), app, log=None,
+                        error_log=logger, backlog=4096)
+    try:
+        server.start()
+    except OSError as e:
+        raise ConfigError(f'cannot listen on {config.host}:{config.port}: '
+                          f'{e.strerror}') from None
+    print(f'sneakers23 node {config.node} serving on '
+          f'http://{config.host}:{config.port}', flush=True)
+    stopped = gevent.event.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, stopped.set)
+    stopped.wait()
+    server.stop(timeout=1)
+    app.node.stop()
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or ['unknown error'])[0]
+
+
+def seed_command(args):
+    """`seed`: create the tables and fill them from the catalogue."""
+    database = open_database(args.db or DEFAULT_DB_URL)
+    db.initialize(database)
+    try:
+        db.connect()
+        count = seed(args.catalog, reset=args.reset)
+    except OperationalError as e:
+        raise ConfigError(f'cannot use the database '
+                          f'{redact(args.db or DEFAULT_DB_URL)}: '
+                          f'{_first_line(e)}') from None
+    except (OSError, tomllib.TOMLDecodeError, KeyError) as e:
+        raise ConfigError(f'cannot read the catalogue {args.catalog}: '
+                          f'{e}') from None
+    finally:
+        db.close()
+    if count:
+        print(f'seeded {count} products into {redact(database.database)}')
+    else:
+        print('the database already holds products; use --reset to start '
+              'over')
+
+
+class NodeClient:
+    """A small HTTP client of a running node (keep-alive, JSON)."""
+
+    def __init__(self, url, token=''):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != 'http' or not parts.hostname:
+            raise ConfigError(f'--url must look like {DEFAULT_URL}')
+        self.url, self.token = url, token
+        self._host, self._port = parts.hostname, parts.port or 80
+        self._conn = None
+
+    def request(self, method, path, body=None, headers=None):
+        """(status, JSON answer) of one request; retries a stale socket."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {'Content-Type': 'application/json', **(headers or {})}
+        for attempt in (1, 2):
+            try:
+                return self._send(method, path, data, headers)
+            except (http.client.HTTPException, ConnectionError):
+                self.close()
+                if attempt == 2:
+                    raise
+            except OSError as e:
+                raise ConfigError(f'cannot reach the node at {self.url}: '
+                                  f'{e.strerror or e}') from None
+
+    def admin(self, path, body=None):
+        """POST to an admin route with the bearer token."""
+        auth = {'Authorization': f'Bearer {self.token}'}
+        return self.request('POST', path, body or {}, auth)
+
+    def close(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _send(self, method, path, data, headers):
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection(self._host, self._port,
+                                                    timeout=30)
+        self._conn.request(method, path, data, headers)
+        answer = self._conn.getresponse()
+        raw = answer.read()
+        try:
+            return answer.status, json.loads(raw or b'null')
+        except ValueError:
+            return answer.status, {'error': raw[:200].decode(errors='replace')}
+
+
+def _admin_client(args):
+    token = os.environ.get('SNEAKERS23_ADMIN_TOKEN', '')
+    if not token:
+        raise ConfigError('set SNEAKERS23_ADMIN_TOKEN to the node\'s admin '
+                          'token')
+    return NodeClient(args.url, token)
+
+
+def _report(status, answer, success):
+    """Print an admin answer; the exit code for it."""
+    if 200 <= status < 300:
+        print(success(answer))
+        return 0
+    print(f'sneakers23: {status} {answer.get("error", answer)}',
+          file=sys.stderr)
+    return 1
+
+
+def release_command(args):
+    """`release PRODUCT`: by id or sku, through the admin API."""
+    client = _admin_client(args)
+    product_id = _find_product(client, args.product)
+    status, answer = client.admin(
+        f'/admin/api/products/{product_id}/release')
+    return _report(status, answer, lambda a: f'product {product_id} released'
+                   + ('' if a.get('changed') else ' (it already was)'))
+
+
+def _find_product(client, ref):
+    """A product id from an id or a sku."""
+    if ref.isdigit():
+        return int(ref)
+    status, products = client.request('GET', '/api/products')
+    for product in products if status == 200 else []:
+        if product['sku'].lower() == ref.lower():
+            return product['id']
+    raise ConfigError(f'no product with id or sku {ref!r}')
+
+
+def restock_command(args):
+    """`restock ITEM COUNT` through the admin API."""
+    if args.count <= 0:
+        raise ConfigError('COUNT must be greater than 0')
+    client = _admin_client(args)
+    status, answer = client.admin(f'/admin/api/items/{args.item}/restock',
+                                  {'count': args.count})
+    return _report(status, answer, lambda a: f"item {a['item_id']} now has "
+                   f"{a['count']} pairs ({a['level']})")
+
+
+class RandomSeller:
+    """The mock reducer: many new shoppers buying random in-stock sizes."""
+
+    def __init__(self, url, shoppers, rate, until_gone, out=sys.stderr):
+        self.url, self.shoppers, self.rate = url, shoppers, rate
+        self.until_gone, self.out = until_gone, out
+        self.sold = self.sold_out = self.failed = 0
+        self.stock = {}
+        self._next_slot = time.monotonic()
+        self._done = gevent.event.Event()
+
+    def run(self):
+        """Sell until the stock is gone (or forever); returns pairs sold."""
+        self.refresh(NodeClient(self.url))
+        started = time.monotonic()
+        workers = [gevent.spawn(self._shop) for _ in range(self.shoppers)]
+        reporter = gevent.spawn(self._report_progress)
+        try:
+            gevent.joinall(workers, raise_error=True)
+        finally:
+            gevent.killall(workers + [reporter])
+        elapsed = time.monotonic() - started
+        print(f'sold {self.sold} pairs in {elapsed:.1f} s; '
+              f'{self.left()} left', file=self.out, flush=True)
+        return self.sold
+
+    def left(self):
+        return sum(self.stock.values())
+
+    def refresh(self, client):
+        """Reload what is in stock among released products."""
+        status, products = client.request('GET', '/api/products')
+        if status != 200:
+            raise ConfigError(f'{self.url}/api/products answered {status}')
+        self.stock = {item['id']: item['count'] for p in products
+                      if p['released'] for item in p['items']
+                      if item['count'] > 0}
+
+    def _shop(self):
+        client = NodeClient(self.url)
+        while not self._done.is_set():
+            if not self.stock:
+                self._wait_for_stock(client)
+                continue
+            self._pace()
+            self._buy(client, random.choice(list(self.stock)))
+
+    def _wait_for_stock(self, client):
+        self.refresh(client)
+        if not self.stock and self.until_gone:
+            self._done.set()
+        elif not self.stock:
+            gevent.sleep(1)
+
+    def _pace(self):
+        if self.rate > 0:
+            now = time.monotonic()
+            self._next_slot = max(self._next_slot, now) + 1 / self.rate
+            gevent.sleep(max(0.0, self._next_slot - now - 1 / self.rate))
+
+    def _buy(self, client, item_id):
+        client.close()  # no cookie kept: every purchase is a new shopper
+        status, answer = client.request('POST', '/api/purchase',
+                                        {'item_id': item_id})
+        if status == 201:
+            self.sold += 1
+            self._take(item_id)
+        elif answer.get('error') == SOLD_OUT:
+            self.sold_out += 1
+            self.stock.pop(item_id, None)
+        else:
+            self.failed += 1
+
+    def _take(self, item_id):
+        if item_id in self.stock:
+            self.stock[item_id] -= 1
+            if self.stock[item_id] <= 0:
+                del self.stock[item_id]
+
+    def _report_progress(self):
+        while True:
+            gevent.sleep(1)
+            print(f'sold {self.sold} · about {self.left()} left · '
+                  f'{self.failed} failed', file=self.out, flush=True)
+
+
+def sell_random_command(args):
+    """`sell-random`: the seed's mock reducer."""
+    if args.shoppers < 1 or args.rate < 0:
+        raise ConfigError('--shoppers must be >= 1 and --rate >= 0')
+    seller = RandomSeller(args.url, args.shoppers, args.rate,
+                          args.until_gone)
+    try:
+        seller.run()
+    except KeyboardInterrupt:
+        print(f'interrupted after selling {seller.sold} pairs',
+              file=sys.stderr)
+    return 0
+
+
+def keygen_command(args):
+    """`keygen`: a CURVE key pair to paste into peers.toml."""
+    import zmq
+    public, secret = zmq.curve_keypair()
+    print(f'public_key = "{public.decode()}"')
+    print(f'secret_key = "{secret.decode()}"')
+    return 0
+
+
+def serve_command(args):
+    serve(serve_config(args))
+    return 0
+
+
+def main(argv=None):
+    """Run the command line; returns the exit code."""
+    logging.basicConfig(level=os.environ.get('SNEAKERS23_LOG', 'WARNING'),
+                        format='%(asctime)s %(name)s %(levelname)s '
+                               '%(message)s')
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    commands = {'serve': serve_command, 'seed': seed_command,
+                'release': release_command, 'restock': restock_command,
+                'sell-random': sell_random_command,
+                'keygen': keygen_command}
+    try:
+        return commands[args.command](args) or 0
+    except ConfigError as e:
+        print(f'sneakers23: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

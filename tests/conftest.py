@@ -1,0 +1,257 @@
+"""Fixtures: fresh databases, real node processes, small HTTP/SSE clients."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+
+import gevent
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import sneakers23
+
+TOKEN = 'test-admin-token'
+PG_URL = os.environ.get('TEST_DATABASE_URL', '')
+REQUIRE_PG = os.environ.get('SNEAKERS23_REQUIRE_POSTGRES') == '1'
+
+
+def free_port():
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def reset_postgres(url):
+    """Drop every sneakers23 table so the next node seeds afresh."""
+    database = sneakers23.open_database(url)
+    sneakers23.db.initialize(database)
+    with database.connection_context():
+        database.drop_tables(sneakers23.MODELS, safe=True, cascade=True)
+    database.close_all()
+
+
+@pytest.fixture(params=['sqlite', 'postgres'])
+def db_url(request, tmp_path):
+    """A fresh, empty database: SQLite in tmp_path, or the test PostgreSQL."""
+    if request.param == 'sqlite':
+        return f'sqlite:///{tmp_path}/store.db'
+    if not PG_URL:
+        if REQUIRE_PG:
+            pytest.fail('SNEAKERS23_REQUIRE_POSTGRES is set but '
+                        'TEST_DATABASE_URL is not')
+        pytest.skip('TEST_DATABASE_URL is not set')
+    reset_postgres(PG_URL)
+    return PG_URL
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f'sqlite:///{tmp_path}/store.db'
+
+
+def call(url, method, path, body=None, headers=None, raw=None):
+    """One HTTP request: (status, headers dict, parsed JSON or bytes)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    headers = dict(headers or {})
+    if body is not None:
+        raw = json.dumps(body).encode()
+        headers.setdefault('Content-Type', 'application/json')
+    try:
+        conn.request(method, path, raw, headers)
+        answer = conn.getresponse()
+        data = answer.read()
+        got = {k.lower(): v for k, v in answer.getheaders()}
+    finally:
+        conn.close()
+    if got.get('content-type', '').startswith('application/json'):
+        data = json.loads(data)
+    return answer.status, got, data
+
+
+def admin_headers(token=TOKEN):
+    return {'Authorization': f'Bearer {token}'}
+
+
+class NodeProcess:
+    """A real `python sneakers23.py serve` process on a loopback port."""
+
+    def __init__(self, db_url, port=None, args=(), env=None):
+        self.db_url, self.port = db_url, port or free_port()
+        self.args, self.extra_env = list(args), env or {}
+        self.url = f'http://127.0.0.1:{self.port}'
+        self.proc = None
+        self.output = []
+
+    def start(self, timeout=30):
+        env = {**os.environ, 'SNEAKERS23_ADMIN_TOKEN': TOKEN,
+               **self.extra_env}
+        cmd = [sys.executable, os.path.join(ROOT, 'sneakers23.py'),
+               'serve', '--db', self.db_url, '--port', str(self.port),
+               *self.args]
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT,
+                                     stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if 'serving on' in line:
+                gevent.spawn(self._drain)
+                return self
+            if time.monotonic() > deadline:
+                break
+        raise RuntimeError(f'node did not start: {"".join(self.output)}')
+
+    def _drain(self):
+        for line in self.proc.stdout:
+            self.output.append(line)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def get(self, path, **kw):
+        return call(self.url, 'GET', path, **kw)
+
+    def post(self, path, body=None, **kw):
+        return call(self.url, 'POST', path, body=body, **kw)
+
+    def products(self):
+        return self.get('/api/products')[2]
+
+    def release(self, product_id):
+        status, _, answer = self.post(
+            f'/admin/api/products/{product_id}/release', {},
+            headers=admin_headers())
+        assert status == 200, answer
+        return answer
+
+    def restock(self, item_id, count):
+        status, _, answer = self.post(
+            f'/admin/api/items/{item_id}/restock', {'count': count},
+            headers=admin_headers())
+        assert status == 200, answer
+        return answer
+
+    def item(self, item_id):
+        for product in self.products():
+            for item in product['items']:
+                if item['id'] == item_id:
+                    return item
+        raise KeyError(item_id)
+
+
+@pytest.fixture
+def start_node():
+    """Start real nodes; every one is stopped at the end of the test."""
+    nodes = []
+
+    def start(db_url, **kw):
+        node = NodeProcess(db_url, **kw)
+        nodes.append(node)
+        return node.start()
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture
+def node(start_node, db_url):
+    """One real node on a fresh database (SQLite and PostgreSQL)."""
+    return start_node(db_url)
+
+
+@pytest.fixture
+def sqlite_node(start_node, sqlite_url):
+    """One real node on a fresh SQLite database."""
+    return start_node(sqlite_url)
+
+
+class SSEClient:
+    """A real SSE client: reads `/events` on its own greenlet."""
+
+    def __init__(self, url, path='/events', headers=None):
+        parts = urllib.parse.urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port,
+                                               timeout=60)
+        self.conn.request('GET', path, headers=headers or {})
+        self.response = self.conn.getresponse()
+        self.headers = {k.lower(): v for k, v in
+                        self.response.getheaders()}
+        self.events = []
+        self.raw = []
+        self._reader = gevent.spawn(self._read)
+
+    def _read(self):
+        event = {}
+        while True:
+            line = self.response.readline()
+            if not line:
+                return
+            line = line.decode().rstrip('\n')
+            self.raw.append(line)
+            if not line:
+                if 'event' in event:
+                    self.events.append(event)
+                event = {}
+            elif not line.startswith(':'):
+                key, _, value = line.partition(': ')
+                event[key] = value
+
+    def named(self, name):
+        """Every received event called `name`, with its data parsed."""
+        return [dict(e, data=json.loads(e['data'])) for e in self.events
+                if e.get('event') == name]
+
+    def wait_for(self, name, timeout=5, count=1, where=lambda d: True):
+        """Wait until `count` events `name` matching `where` arrived."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [e for e in self.named(name) if where(e['data'])]
+            if len(found) >= count:
+                return found
+            gevent.sleep(0.01)
+        raise AssertionError(f'no {count} {name!r} event(s) within '
+                             f'{timeout}s; got {self.events}')
+
+    def close(self):
+        self._reader.kill()
+        self.conn.close()
+
+
+@pytest.fixture
+def sse():
+    """Open SSE clients; all closed at the end of the test."""
+    clients = []
+
+    def open_client(url, path='/events', headers=None):
+        client = SSEClient(url, path, headers)
+        clients.append(client)
+        return client
+
+    yield open_client
+    for client in clients:
+        client.close()

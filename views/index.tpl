@@ -1,0 +1,27 @@
+<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Sneakers23 — live drops</title>
+<link rel="stylesheet" href="/static/app.css">
+</head>
+<body data-event-id="{{event_id}}">
+<header class="site-header">
+  <a class="brand" href="/">Sneakers<span>23</span></a>
+  <p class="tagline">Limited drops. Live stock.</p>
+  <div class="connection" id="connection" data-state="connecting" role="status" aria-live="polite">Connecting…</div>
+</header>
+<main class="catalog">
+  <ul class="product-grid">
+  % for product in products:
+    % include('product_card', product=product, price=price)
+  % end
+  </ul>
+</main>
+<footer class="site-footer">
+  <p>One pair per shopper per drop. Stock levels update live: high, medium, low, out.</p>
+</footer>
+<script src="/static/app.js" defer></script>
+</body>
+</html>
