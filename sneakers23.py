@@ -236,10 +236,10 @@ class Product(BaseModel):
     release_at = DateTimeField(null=True)
 
     @classmethod
-    def release(cls, product_id):
-        """Mark a product released; True when it was not already."""
+    def release(cls, product_id, at):
+        """Mark a product released at `at`; True when it was not already."""
         return bool(cls
-                    .update(released=True, release_at=utcnow())
+                    .update(released=True, release_at=at)
                     .where((cls.id == product_id) & (cls.released == False))  # noqa: E712,E501
                     .execute())
 
@@ -503,13 +503,12 @@ class Inventory:
         self._tell('availability', product, item, old_level, local)
         return True
 
-    def product_released(self, product_id, local=True):
-        """Mark a product released; True if it was not already."""
+    def product_released(self, product_id, at, local=True):
+        """Mark a product released at `at`; True if it was not already."""
         product = self.products.get(product_id)
         if product is None or product.released:
             return False
-        product.released = True
-        product.release_at = product.release_at or utcnow()
+        product.released, product.release_at = True, at
         self._touch(product)
         self._tell('released', product, None, None, local)
         return True
@@ -594,13 +593,13 @@ class Store:
 
     def release(self, product_id):
         """Release a product; True if this call released it."""
-        self.runner.run(Product.release, product_id)
-        return self.inventory.product_released(product_id)
+        at = utcnow()
+        self.runner.run(_atomic, Product.release, product_id, at)
+        return self.inventory.product_released(product_id, at)
 
     def restock(self, item_id, count):
         """Add pairs to an item; returns its new count."""
-        row = self.runner.run(lambda: _atomic(Availability.add, item_id,
-                                              count))
+        row = self.runner.run(_atomic, Availability.add, item_id, count)
         if row is None:
             raise ApiError(404, 'not_found')
         self.inventory.item_changed(item_id, *row)
@@ -910,9 +909,12 @@ class Node:
 
 
 def json_response(status, data, **headers):
-    """A Bottle response with a JSON body."""
-    return bottle.HTTPResponse(json.dumps(data), status, headers,
-                               content_type='application/json')
+    """Answer JSON with `status`, keeping headers set so far (cookies)."""
+    bottle.response.status = status
+    bottle.response.content_type = 'application/json'
+    for name, value in headers.items():
+        bottle.response.set_header(name, value)
+    return json.dumps(data)
 
 
 def json_body(required_type=dict):
@@ -1056,7 +1058,7 @@ def _shopper(node):
         shopper = secrets.token_urlsafe(16)
         bottle.response.set_cookie(
             SHOPPER_COOKIE, sign(shopper, node.cookie_key), path='/',
-            httponly=True, samesite='lax', max_age=SHOPPER_MAX_AGE)
+            httponly=True, samesite='Lax', max_age=SHOPPER_MAX_AGE)
     return shopper
 
 
@@ -1096,7 +1098,7 @@ def _health(node):
 def _static(path):
     response = bottle.static_file(path, root=STATIC_DIR)
     if isinstance(response, bottle.HTTPError):
-        raise ApiError(response.status_code, 'not_found')
+        raise ApiError(404, 'not_found')
     response.set_header('Cache-Control', 'public, max-age=60')
     return response
 

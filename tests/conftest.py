@@ -255,3 +255,29 @@ def sse():
     yield open_client
     for client in clients:
         client.close()
+
+
+def db_rows(db_url, sql, params=()):
+    """Rows of one query, straight from the database (the truth)."""
+    database = sneakers23.open_database(db_url)
+    if db_url.startswith('postgres'):
+        sql = sql.replace('?', '%s')
+    try:
+        with database.connection_context():
+            return database.execute_sql(sql, params).fetchall()
+    finally:
+        if hasattr(database, 'close_all'):
+            database.close_all()
+
+
+def buy_concurrently(url, item_ids, cookies=None):
+    """POST one purchase per entry of item_ids at once; the answers."""
+    def buy(item_id, cookie):
+        headers = {'Cookie': cookie} if cookie else {}
+        return call(url, 'POST', '/api/purchase', {'item_id': item_id},
+                    headers=headers)
+    cookies = cookies or [None] * len(item_ids)
+    jobs = [gevent.spawn(buy, i, c) for i, c in zip(item_ids, cookies,
+                                                     strict=True)]
+    gevent.joinall(jobs, raise_error=True)
+    return [job.value for job in jobs]

@@ -1,0 +1,375 @@
+"""The HTTP API and page of one real node, as shoppers and operators use it."""
+
+import re
+from collections import Counter
+
+import pytest
+from conftest import (
+    TOKEN,
+    admin_headers,
+    buy_concurrently,
+    call,
+    db_rows,
+)
+from gevent.pywsgi import WSGIServer
+
+import sneakers23
+
+
+def low_stock_item(node, product_id):
+    """The in-stock item of a product with the fewest pairs."""
+    product = next(p for p in node.products() if p['id'] == product_id)
+    return min((i for i in product['items'] if i['count'] > 0),
+               key=lambda i: i['count'])
+
+
+def counts(node):
+    return {i['id']: i['count'] for p in node.products() for i in p['items']}
+
+
+def test_purchase_storm_sells_exactly_the_stock(node, db_url):
+    node.release(1)
+    item = low_stock_item(node, 1)
+    stock = item['count']
+    buyers = max(250, stock + 150)
+
+    answers = buy_concurrently(node.url, [item['id']] * buyers)
+
+    statuses = Counter(status for status, _, _ in answers)
+    assert statuses == {201: stock, 409: buyers - stock}
+    assert {body['error'] for status, _, body in answers
+            if status == 409} == {'sold_out'}
+    order_ids = sorted(body['order_id'] for status, _, body in answers
+                       if status == 201)
+    rows = db_rows(db_url, 'SELECT id FROM orders WHERE item_id = ?',
+                   (item['id'],))
+    assert sorted(r[0] for r in rows) == order_ids
+    assert node.item(item['id'])['count'] == 0
+    assert node.item(item['id'])['level'] == 'out'
+    (count,), = db_rows(db_url, 'SELECT count FROM availability '
+                                'WHERE item_id = ?', (item['id'],))
+    assert count == 0
+
+
+def test_restart_shows_the_same_counts(node):
+    node.release(1)
+    item = low_stock_item(node, 1)
+    buy_concurrently(node.url, [item['id']] * 5)
+    before = node.products()
+
+    node.restart()
+
+    assert node.products() == before
+    assert node.item(item['id'])['count'] == item['count'] - 5
+
+
+def test_one_pair_per_shopper_per_product(sqlite_node):
+    node = sqlite_node
+    node.release(1)
+    first, second = [i for i in node.products()[0]['items']
+                     if i['count'] > 1][:2]
+    status, headers, body = node.post('/api/purchase',
+                                      {'item_id': first['id']})
+    assert status == 201
+    assert set(body) == {'order_id', 'item_id', 'product_id'}
+    cookie = headers['set-cookie']
+    assert 'httponly' in cookie.lower()
+    assert 'samesite=lax' in cookie.lower()
+    shopper = cookie.split(';')[0]
+
+    status, _, body = node.post('/api/purchase', {'item_id': second['id']},
+                                headers={'Cookie': shopper})
+    assert (status, body) == (409, {'error': 'already_purchased'})
+    assert node.item(second['id'])['count'] == second['count']
+    assert node.item(first['id'])['count'] == first['count'] - 1
+
+
+def test_cookie_is_signed_not_trusted(sqlite_node):
+    node = sqlite_node
+    node.release(1)
+    item = low_stock_item(node, 1)
+    _, headers, _ = node.post('/api/purchase', {'item_id': item['id']})
+    name, value = headers['set-cookie'].split(';')[0].split('=', 1)
+    shopper, _, mac = value.rpartition('.')
+    assert shopper and len(mac) == 32
+    forged = f'{name}=someone-else.{mac}'
+
+    status, headers, _ = node.post('/api/purchase', {'item_id': item['id']},
+                                   headers={'Cookie': forged})
+
+    assert status in (201, 409)
+    assert 'set-cookie' in headers  # a forged cookie makes a new shopper
+
+
+def test_purchase_errors_of_state(sqlite_node):
+    node = sqlite_node
+    unreleased = node.products()[1]['items'][0]['id']
+    assert node.post('/api/purchase', {'item_id': unreleased})[::2] == (
+        403, {'error': 'not_released'})
+    node.release(1)
+    out = next(i for i in node.products()[0]['items'] if i['count'] == 0)
+    assert node.post('/api/purchase', {'item_id': out['id']})[::2] == (
+        409, {'error': 'sold_out'})
+
+
+GOOD = {'Content-Type': 'application/json'}
+AUTH = {**GOOD, **admin_headers()}
+
+BAD_INPUTS = [
+    # (name, method, path, headers, body bytes, status, error or None)
+    ('malformed json', 'POST', '/api/purchase', GOOD, b'{"item_id": ',
+     400, 'malformed JSON'),
+    ('json array', 'POST', '/api/purchase', GOOD, b'[3]', 400, None),
+    ('json string', 'POST', '/api/purchase', GOOD, b'"3"', 400, None),
+    ('empty body', 'POST', '/api/purchase', GOOD, b'', 400, None),
+    ('missing item_id', 'POST', '/api/purchase', GOOD, b'{}', 400, None),
+    ('item_id string', 'POST', '/api/purchase', GOOD, b'{"item_id": "3"}',
+     400, 'item_id must be an integer'),
+    ('item_id float', 'POST', '/api/purchase', GOOD, b'{"item_id": 3.5}',
+     400, None),
+    ('item_id bool', 'POST', '/api/purchase', GOOD, b'{"item_id": true}',
+     400, None),
+    ('item_id null', 'POST', '/api/purchase', GOOD, b'{"item_id": null}',
+     400, None),
+    ('item_id NaN', 'POST', '/api/purchase', GOOD, b'{"item_id": NaN}',
+     400, None),
+    ('item_id negative', 'POST', '/api/purchase', GOOD,
+     b'{"item_id": -3}', 400, None),
+    ('item_id zero', 'POST', '/api/purchase', GOOD, b'{"item_id": 0}',
+     400, None),
+    ('item_id huge', 'POST', '/api/purchase', GOOD,
+     b'{"item_id": 100000000000000000000000000000}', 400, None),
+    ('item_id unknown', 'POST', '/api/purchase', GOOD,
+     b'{"item_id": 987654}', 404, 'not_found'),
+    ('not utf-8', 'POST', '/api/purchase', GOOD, b'\xff\xfe{', 400, None),
+    ('text/plain', 'POST', '/api/purchase',
+     {'Content-Type': 'text/plain'}, b'{"item_id": 3}', 415, None),
+    ('form encoded', 'POST', '/api/purchase',
+     {'Content-Type': 'application/x-www-form-urlencoded'}, b'item_id=3',
+     415, None),
+    ('no content type', 'POST', '/api/purchase', {}, b'{"item_id": 3}',
+     415, None),
+    ('too large', 'POST', '/api/purchase', GOOD,
+     b'{"item_id": 3, "pad": "' + b'x' * 10000 + b'"}', 413, None),
+    ('GET purchase', 'GET', '/api/purchase', {}, None, 405, None),
+    ('release no token', 'POST', '/admin/api/products/2/release', GOOD,
+     b'{}', 401, 'unauthorized'),
+    ('release wrong token', 'POST', '/admin/api/products/2/release',
+     {**GOOD, 'Authorization': 'Bearer nope'}, b'{}', 401, 'unauthorized'),
+    ('release token prefix', 'POST', '/admin/api/products/2/release',
+     {**GOOD, 'Authorization': f'Bearer {TOKEN[:-1]}'}, b'{}', 401, None),
+    ('release basic auth', 'POST', '/admin/api/products/2/release',
+     {**GOOD, 'Authorization': f'Basic {TOKEN}'}, b'{}', 401, None),
+    ('release unknown', 'POST', '/admin/api/products/9999/release', AUTH,
+     b'{}', 404, 'not_found'),
+    ('release negative', 'POST', '/admin/api/products/-2/release', AUTH,
+     b'{}', 404, None),
+    ('release not a number', 'POST', '/admin/api/products/abc/release',
+     AUTH, b'{}', 404, None),
+    ('release dot-dot', 'POST', '/admin/api/products/../2/release', AUTH,
+     b'{}', 404, None),
+    ('restock no token', 'POST', '/admin/api/items/3/restock', GOOD,
+     b'{"count": 5}', 401, None),
+    ('restock zero', 'POST', '/admin/api/items/3/restock', AUTH,
+     b'{"count": 0}', 400, None),
+    ('restock negative', 'POST', '/admin/api/items/3/restock', AUTH,
+     b'{"count": -5}', 400, None),
+    ('restock string', 'POST', '/admin/api/items/3/restock', AUTH,
+     b'{"count": "5"}', 400, None),
+    ('restock huge', 'POST', '/admin/api/items/3/restock', AUTH,
+     b'{"count": 99999999999}', 400, None),
+    ('restock unknown item', 'POST', '/admin/api/items/99999/restock', AUTH,
+     b'{"count": 5}', 404, None),
+    ('static dot-dot', 'GET', '/static/../sneakers23.py', {}, None, 404,
+     None),
+    ('static encoded dot-dot', 'GET', '/static/%2e%2e/sneakers23.py', {},
+     None, 404, None),
+    ('static absolute', 'GET', '/static//etc/passwd', {}, None, 404, None),
+    ('events bad filter', 'GET', '/events?products=1;DROP', {}, None, 400,
+     None),
+    ('unknown route', 'GET', '/admin', {}, None, 404, None),
+]
+
+
+def test_bad_input_answers_4xx_json_and_changes_nothing(node, db_url):
+    node.release(1)
+    before = node.products()
+    seen = []
+    for name, method, path, headers, body, status, error in BAD_INPUTS:
+        got, got_headers, answer = call(node.url, method, path,
+                                        headers=headers, raw=body)
+        assert got == status, (name, got, answer)
+        assert got_headers['content-type'].startswith('application/json')
+        assert isinstance(answer, dict) and answer.get('error'), name
+        if error:
+            assert answer['error'] == error, (name, answer)
+        seen.append(name)
+    assert len(seen) >= 20
+    assert node.products() == before
+    assert db_rows(db_url, 'SELECT COUNT(*) FROM orders') == [(0,)]
+
+
+def test_page_shows_the_catalogue(sqlite_node):
+    node = sqlite_node
+    node.release(1)
+    status, headers, page = node.get('/')
+    page = page.decode()
+    assert status == 200
+    assert headers['cache-control'] == 'no-store'
+    assert headers['content-type'].startswith('text/html')
+    products = node.products()
+    ids = [int(i) for i in re.findall(r'data-product-id="(\d+)"', page)]
+    assert ids == [p['id'] for p in products]
+    assert page.count('Coming soon') == len(products) - 1
+    for item in products[0]['items']:
+        button = re.search(rf'<button[^>]*value="{item["id"]}"[^>]*>', page)
+        assert f'size-container__entry--level-{item["level"]}' in button[0]
+        assert ('disabled' in button[0]) == (item['level'] == 'out')
+    assert '$120.00' in page and 'Hop Man 3' in page
+
+
+def test_page_and_api_follow_a_sale(sqlite_node):
+    node = sqlite_node
+    node.release(1)
+    item = low_stock_item(node, 1)
+    buy_concurrently(node.url, [item['id']] * item['count'])
+    page = node.get('/')[2].decode()
+    button = re.search(rf'<button[^>]*value="{item["id"]}"[^>]*>', page)
+    assert 'size-container__entry--level-out' in button[0]
+    assert 'disabled' in button[0]
+    assert node.item(item['id']) == {**item, 'count': 0, 'level': 'out'}
+
+
+def test_api_products_shape(sqlite_node):
+    products = sqlite_node.products()
+    assert len(products) >= 8
+    first = products[0]
+    assert set(first) == {'id', 'sku', 'brand', 'name', 'color',
+                          'price_cents', 'image', 'released', 'release_at',
+                          'items'}
+    assert (first['sku'], first['name'], first['brand'], first['color'],
+            first['price_cents']) == ('SHU6000', 'Hop Man 3', 'Snks 23',
+                                      'yellow/blue', 12000)
+    assert [i['size'] for i in first['items']] == list(sneakers23.SIZES)
+    assert set(first['items'][0]) == {'id', 'sku', 'size', 'count', 'level'}
+    levels = {i['level'] for p in products for i in p['items']}
+    assert levels == {'out', 'low', 'medium', 'high'}
+    assert not any(p['released'] for p in products)
+
+
+def test_release_is_idempotent_and_restock_adds(sqlite_node):
+    node = sqlite_node
+    assert node.release(2)['changed'] is True
+    assert node.release(2)['changed'] is False
+    product = next(p for p in node.products() if p['id'] == 2)
+    assert product['released'] and product['release_at'].endswith('Z')
+    item = product['items'][0]
+    answer = node.restock(item['id'], 600)
+    assert answer['count'] == item['count'] + 600
+    assert answer['level'] == sneakers23.level_of(item['count'] + 600)
+    assert node.item(item['id'])['count'] == item['count'] + 600
+
+
+def test_healthz(sqlite_node):
+    status, _, health = sqlite_node.get('/healthz')
+    assert status == 200
+    assert {'node', 'db', 'peers'} <= set(health)
+    assert health['node'] == 'a'
+
+
+def test_templates_escape_catalogue_text():
+    row = type('Row', (), dict(
+        id=1, sku='X', brand='<b>Brand</b>', name='<script>alert(1)</script>',
+        color='"red"', price_cents=100, image='x.svg', position=0,
+        released=False, release_at=None))
+    product = sneakers23.ProductState(row, [])
+    html = sneakers23.render('product_card', product=product,
+                             price=sneakers23.price)
+    assert '<script>' not in html and '&lt;script&gt;' in html
+    assert '<b>' not in html
+
+
+@pytest.fixture
+def in_process_node(tmp_path):
+    """A node served from this process, so the test can cut its database."""
+    config = sneakers23.Config(db_url=f'sqlite:///{tmp_path}/s.db',
+                               admin_token=TOKEN)
+    app = sneakers23.create_app(config)
+    app.node.start()
+    server = WSGIServer(('127.0.0.1', 0), app, log=None)
+    server.start()
+    yield app.node, f'http://127.0.0.1:{server.server_port}'
+    server.stop()
+    app.node.stop()
+
+
+def test_reads_never_touch_the_database(in_process_node, monkeypatch):
+    node, url = in_process_node
+
+    def no_database(*args, **kwargs):
+        raise AssertionError('a read went to the database')
+    monkeypatch.setattr(node.database, 'execute_sql', no_database)
+    monkeypatch.setattr(node.runner, 'run', no_database)
+
+    status, _, page = call(url, 'GET', '/')
+    assert status == 200 and b'data-product-id' in page
+    status, _, products = call(url, 'GET', '/api/products')
+    assert status == 200 and len(products) >= 8
+    assert call(url, 'GET', '/healthz')[0] == 200
+
+
+def test_sold_out_is_answered_from_memory(in_process_node, monkeypatch):
+    node, url = in_process_node
+    product = node.inventory.products[1]
+    node.store.release(1)
+    out = next(i for i in product.items if i.count == 0)
+    calls = []
+    real_run = node.runner.run
+    monkeypatch.setattr(node.runner, 'run',
+                        lambda *a: calls.append(a) or real_run(*a))
+
+    answers = [call(url, 'POST', '/api/purchase', {'item_id': out.id})
+               for _ in range(3)]
+
+    assert [a[0] for a in answers] == [409, 409, 409]
+    assert answers[0][2] == {'error': 'sold_out'}
+    assert calls == []
+
+
+def test_a_failed_database_answers_503_and_sells_nothing(in_process_node,
+                                                         monkeypatch):
+    node, url = in_process_node
+    node.store.release(1)
+    item = next(i for i in node.inventory.products[1].items if i.count > 0)
+    before = item.count
+
+    def broken(*args):
+        raise sneakers23.OperationalError('disk I/O error')
+    monkeypatch.setattr(node.runner, 'run', broken)
+    status, headers, body = call(url, 'POST', '/api/purchase',
+                                 {'item_id': item.id})
+
+    assert (status, body) == (503, {'error': 'unavailable'})
+    assert item.count == before
+    monkeypatch.undo()
+    rows = node.runner.run(lambda: list(
+        sneakers23.Order.select().where(sneakers23.Order.item == item.id)))
+    assert rows == []
+
+
+def test_json_errors_for_every_api_failure(sqlite_node):
+    status, headers, body = call(sqlite_node.url, 'DELETE', '/api/products')
+    assert (status, body) == (405, {'error': 'method_not_allowed'})
+    assert headers['content-type'] == 'application/json'
+
+
+def test_admin_token_compared_whole(sqlite_node):
+    node = sqlite_node
+    for header in (f'Bearer {TOKEN}x', 'Bearer', '', f'bearer  {TOKEN} x'):
+        status, _, _ = node.post('/admin/api/products/1/release', {},
+                                 headers={'Authorization': header})
+        assert status == 401, header
+    assert not node.products()[0]['released']
+    status, _, _ = node.post('/admin/api/products/1/release', {},
+                             headers={'Authorization': f'bearer {TOKEN}'})
+    assert status == 200
