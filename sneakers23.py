@@ -1243,6 +1243,10 @@ def seed_command(args):
               'over')
 
 
+STALE_SOCKET = (http.client.RemoteDisconnected, ConnectionResetError,
+                BrokenPipeError)
+
+
 class NodeClient:
     """A small HTTP client of a running node (keep-alive, JSON)."""
 
@@ -1261,8 +1265,8 @@ class NodeClient:
         for attempt in (1, 2):
             try:
                 return self._send(method, path, data, headers)
-            except (http.client.HTTPException, ConnectionError):
-                self.close()
+            except STALE_SOCKET:
+                self.close()  # a kept-alive socket the node closed
                 if attempt == 2:
                     raise
             except OSError as e:

@@ -220,8 +220,8 @@ def test_page_catches_up_on_what_it_missed(sqlite_node, open_page):
 
 def test_buying_from_the_page(sqlite_node, open_page):
     node = sqlite_node
-    page = open_page(node)
     node.release(2)
+    page = open_page(node)
     product = product_of(node, 2)
     first, second = product['items'][4], product['items'][5]
     assert first['level'] != 'out' and second['level'] != 'out'

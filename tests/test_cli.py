@@ -1,0 +1,181 @@
+"""The command line as an operator uses it: real processes, real output."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TOKEN, db_rows, free_port
+
+SCRIPT = os.path.join(ROOT, 'sneakers23.py')
+
+SMALL_CATALOG = '''
+[[products]]
+sku = "T100"
+brand = "Test"
+name = "First"
+color = "red"
+price_cents = 10000
+image = "shu6000.svg"
+[products.stock]
+"6" = 7
+"6.5" = 0
+"9" = 12
+"12" = 3
+
+[[products]]
+sku = "T200"
+brand = "Test"
+name = "Second"
+color = "blue"
+price_cents = 20000
+image = "shu6100.svg"
+[products.stock]
+"7" = 9
+"10.5" = 14
+
+[[products]]
+sku = "T300"
+brand = "Test"
+name = "Third, never released"
+color = "green"
+price_cents = 30000
+image = "shu6200.svg"
+[products.stock]
+"8" = 5
+'''
+
+
+def run(*args, env=None, timeout=120):
+    """Run `python sneakers23.py ARGS`; the finished process."""
+    env = {**os.environ, 'SNEAKERS23_ADMIN_TOKEN': TOKEN, **(env or {})}
+    return subprocess.run([sys.executable, SCRIPT, *args], env=env,
+                          capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+@pytest.fixture
+def small_catalog(tmp_path):
+    path = tmp_path / 'catalog.toml'
+    path.write_text(SMALL_CATALOG)
+    return str(path)
+
+
+def test_seed_then_sell_random_until_gone(db_url, small_catalog,
+                                          start_node):
+    seeded = run('seed', '--db', db_url, '--catalog', small_catalog)
+    assert seeded.returncode == 0, seeded.stderr
+    assert 'seeded 3 products' in seeded.stdout
+    node = start_node(db_url)
+    assert run('release', 'T100', '--url', node.url).returncode == 0
+    assert run('release', '2', '--url', node.url).returncode == 0
+    stock_in = sum(i['count'] for p in node.products()[:2]
+                   for i in p['items'])
+    assert stock_in == 7 + 12 + 3 + 9 + 14
+
+    sold = run('sell-random', '--until-gone', '--url', node.url)
+
+    assert sold.returncode == 0, sold.stderr
+    assert f'sold {stock_in} pairs' in sold.stderr
+    products = node.products()
+    assert [i['count'] for p in products[:2] for i in p['items']] == \
+        [0] * 26
+    assert sum(i['count'] for i in products[2]['items']) == 5
+    assert db_rows(db_url, 'SELECT COUNT(*) FROM orders') == [(stock_in,)]
+
+
+def test_release_and_restock_commands(sqlite_node):
+    node = sqlite_node
+    released = run('release', 'shu6100', '--url', node.url)
+    assert released.returncode == 0, released.stderr
+    assert released.stdout.strip() == 'product 2 released'
+    again = run('release', 'SHU6100', '--url', node.url)
+    assert again.stdout.strip() == 'product 2 released (it already was)'
+    assert node.products()[1]['released']
+
+    item = node.products()[1]['items'][0]
+    restocked = run('restock', str(item['id']), '500', '--url', node.url)
+    assert restocked.returncode == 0, restocked.stderr
+    total = item['count'] + 500
+    assert str(total) in restocked.stdout
+    assert node.item(item['id'])['count'] == total
+
+
+def test_admin_commands_need_the_token(sqlite_node):
+    missing = run('release', '1', '--url', sqlite_node.url,
+                  env={'SNEAKERS23_ADMIN_TOKEN': ''})
+    assert missing.returncode == 2
+    assert missing.stderr.count('\n') == 1
+    assert 'SNEAKERS23_ADMIN_TOKEN' in missing.stderr
+    wrong = run('release', '1', '--url', sqlite_node.url,
+                env={'SNEAKERS23_ADMIN_TOKEN': 'wrong'})
+    assert wrong.returncode == 1
+    assert '401 unauthorized' in wrong.stderr
+    assert not sqlite_node.products()[0]['released']
+
+
+@pytest.mark.parametrize('args, says', [
+    (['restock', 'abc', '5'], 'invalid int value'),
+    (['restock', '3', '0'], 'COUNT must be greater than 0'),
+    (['serve', '--port', 'eighty'], 'invalid int value'),
+    (['serve', '--port', '70000'], 'between 1 and 65535'),
+    (['--db', 'mysql://root@localhost/x'], 'unsupported database URL'),
+    (['--db', 'sqlite:////no/such/folder/x.db'], 'no such folder'),
+    (['--db', 'postgresql://postgres@127.0.0.1:1/test'],
+     'cannot use the database'),
+    (['seed', '--db', 'postgresql://postgres@127.0.0.1:1/test'],
+     'cannot use the database'),
+    (['--config', 'peers.toml', '--node', 'zz'], "node 'zz' is not in"),
+    (['--config', 'nope.toml', '--node', 'a'], 'cannot read nope.toml'),
+    (['--node', 'a'], '--config and --node go together'),
+    (['release', 'NOPE', '--url', 'http://127.0.0.1:1'],
+     'cannot reach the node'),
+    (['release', '1', '--url', 'ftp://x'], '--url must look like'),
+    (['sell-random', '--rate', '-1'], '--rate'),
+    (['frobnicate'], 'unrecognized arguments'),
+])
+def test_bad_arguments_give_one_line_and_exit_2(args, says):
+    done = run(*args, timeout=30)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.count('\n') == 1, done.stderr
+    assert done.stderr.startswith('sneakers23: ')
+    assert says in done.stderr
+    assert 'Traceback' not in done.stderr
+
+
+@pytest.mark.parametrize('command', ['serve', 'seed', 'release', 'restock',
+                                     'sell-random', 'keygen'])
+def test_help_on_each_command(command):
+    done = run(command, '--help')
+    assert done.returncode == 0
+    assert done.stdout.startswith('usage: sneakers23.py ' + command)
+
+
+def test_keygen_prints_a_curve_pair():
+    done = run('keygen')
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert [line.split(' = ')[0] for line in lines] == ['public_key',
+                                                        'secret_key']
+    keys = [line.split(' = ')[1].strip('"') for line in lines]
+    assert all(len(key) == 40 for key in keys) and keys[0] != keys[1]
+
+
+def test_serve_prints_its_line_and_a_token_when_none_is_set(tmp_path):
+    port = free_port()
+    env = {**os.environ, 'SNEAKERS23_ADMIN_TOKEN': ''}
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, '--db', f'sqlite:///{tmp_path}/s.db',
+         '--port', str(port)], env=env, stdout=subprocess.PIPE, text=True,
+        cwd=ROOT)
+    try:
+        token_line = proc.stdout.readline()
+        serving_line = proc.stdout.readline()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert token_line.startswith('admin token')
+    assert len(token_line.split(': ')[-1].strip()) >= 24
+    assert serving_line == (f'sneakers23 node a serving on '
+                            f'http://127.0.0.1:{port}\n')
+    assert proc.returncode == 0

@@ -1,0 +1,82 @@
+"""The in-memory inventory: what every read is served from."""
+
+from types import SimpleNamespace
+
+import pytest
+
+import sneakers23
+from sneakers23 import Inventory, level_of
+
+
+def row(id, released=False):
+    return SimpleNamespace(
+        id=id, sku=f'P{id}', brand='B', name=f'Shoe {id}', color='c',
+        price_cents=100, image='x.svg', position=id, released=released,
+        release_at=None)
+
+
+def item_row(id, count, version=1):
+    return SimpleNamespace(id=id, sku=f'I{id}', size='9', count=count,
+                           version=version)
+
+
+@pytest.fixture
+def inventory():
+    inventory = Inventory()
+    inventory.load([(row(1, released=True),
+                     [item_row(10, 150), item_row(11, 0)]),
+                    (row(2), [item_row(20, 700)])])
+    return inventory
+
+
+@pytest.mark.parametrize('count, level', [
+    (-1, 'out'), (0, 'out'), (1, 'low'), (149, 'low'), (150, 'medium'),
+    (499, 'medium'), (500, 'high'), (10**6, 'high')])
+def test_level_of(count, level):
+    assert level_of(count) == level
+
+
+def test_newer_versions_apply_and_older_ones_do_not(inventory):
+    told = []
+    inventory.listen(lambda *event: told.append(event))
+    assert inventory.item_changed(10, 149, 2) is True
+    assert inventory.item_changed(10, 150, 2) is False  # duplicate
+    assert inventory.item_changed(10, 151, 1) is False  # older
+    assert inventory.items[10].count == 149
+    kind, product, item, old_level, local = told[0]
+    assert (kind, product.id, item.id, old_level, local) == (
+        'availability', 1, 10, 'medium', True)
+    assert len(told) == 1
+
+
+def test_remote_changes_are_flagged(inventory):
+    told = []
+    inventory.listen(lambda *event: told.append(event))
+    inventory.item_changed(20, 5, 9, local=False)
+    inventory.product_released(2, sneakers23.utcnow(), local=False)
+    assert [(kind, local) for kind, *_, local in told] == [
+        ('availability', False), ('released', False)]
+
+
+def test_release_happens_once(inventory):
+    at = sneakers23.utcnow()
+    assert inventory.product_released(2, at) is True
+    assert inventory.product_released(2, at) is False
+    assert inventory.products[2].released
+    assert inventory.product_released(99, at) is False
+
+
+def test_json_follows_changes(inventory):
+    before = inventory.products[1].json_bytes()
+    inventory.item_changed(10, 3, 5)
+    after = inventory.products[1].json_bytes()
+    assert before != after and b'"count":3' in after
+    assert inventory.released_stock() == 3
+
+
+def test_a_failing_listener_does_not_stop_the_others(inventory):
+    told = []
+    inventory.listen(lambda *event: 1 / 0)
+    inventory.listen(lambda *event: told.append(event))
+    inventory.item_changed(10, 1, 2)
+    assert len(told) == 1
