@@ -41,11 +41,13 @@ import gevent.lock
 import gevent.pool
 import gevent.queue
 import gevent.threadpool
+import zmq.green as zmq
 from gevent.pywsgi import WSGIServer
 from peewee import (
     BooleanField,
     CharField,
     Check,
+    DatabaseError,
     DatabaseProxy,
     DateTimeField,
     ForeignKeyField,
@@ -55,6 +57,8 @@ from peewee import (
     OperationalError,
     SqliteDatabase,
 )
+from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 logger = logging.getLogger('sneakers23')
 
@@ -88,6 +92,10 @@ SSE_KEEPALIVE = 15.0
 SSE_BUFFER = 4096
 SSE_WATCHDOG_INTERVAL = 1.0
 
+HEARTBEAT_INTERVAL = 1.0
+PEER_SILENT_AFTER = 3.0
+ZAP_ENDPOINT = 'inproc://zeromq.zap.01'
+
 
 class Sneakers23Error(Exception): pass
 class ConfigError(Sneakers23Error): pass
@@ -113,8 +121,20 @@ class Config:
     admin_token: str = ''
     seed_when_empty: bool = True
     catalog: str = CATALOG_PATH
-    peers: dict = field(default_factory=dict)
+    peers: dict = field(default_factory=dict)   # name -> Peer
     replication: str = ''
+    public_key: str = ''
+    curve_secret: str = ''
+    drop_rate: float = 0.0   # test-only: lose this share of messages
+
+
+@dataclass
+class Peer:
+    """Another node of the cluster, as `peers.toml` lists it."""
+
+    name: str
+    replication: str
+    public_key: str = ''
 
 
 def level_of(count):
@@ -133,7 +153,26 @@ def utcnow():
 
 
 def load_cluster(path, node):
-    """Read `peers.toml` and return (config fields for `node`)."""
+    """Read `peers.toml`: the config fields of node `node`."""
+    nodes, db_url = _read_cluster_file(path)
+    if node not in nodes:
+        known = ', '.join(sorted(nodes)) or 'none'
+        raise ConfigError(f'node {node!r} is not in {path} (nodes: {known})')
+    keyed = [name for name, spec in nodes.items() if spec.get('public_key')]
+    if keyed and len(keyed) != len(nodes):
+        raise ConfigError(f'{path}: give every node a public_key, or none')
+    me = nodes[node]
+    host, port = _split_hostport(me.get('http', ''), path, node)
+    peers = {name: Peer(name, spec.get('replication', ''),
+                        spec.get('public_key', ''))
+             for name, spec in nodes.items() if name != node}
+    return dict(node=node, host=host, port=port, db_url=db_url,
+                peers=peers, replication=me.get('replication', ''),
+                public_key=me.get('public_key', ''))
+
+
+def _read_cluster_file(path):
+    """The `nodes` table and database URL of a peers.toml."""
     try:
         with open(path, 'rb') as f:
             doc = tomllib.load(f)
@@ -142,15 +181,15 @@ def load_cluster(path, node):
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f'{path} is not valid TOML: {e}') from None
     nodes = doc.get('nodes')
-    if not isinstance(nodes, dict) or node not in nodes:
-        known = ', '.join(sorted(nodes or {})) or 'none'
-        raise ConfigError(f'node {node!r} is not in {path} (nodes: {known})')
-    me = nodes[node]
-    host, port = _split_hostport(me.get('http', ''), path, node)
+    if not isinstance(nodes, dict) or not all(
+            isinstance(spec, dict) for spec in nodes.values()):
+        raise ConfigError(f'{path} has no [nodes.NAME] tables')
     db_url = doc.get('database', DEFAULT_DB_URL)
-    peers = {name: spec for name, spec in nodes.items() if name != node}
-    return dict(node=node, host=host, port=port, db_url=db_url,
-                peers=peers, replication=me.get('replication', ''))
+    if db_url.startswith('sqlite:///') and not db_url.startswith(
+            'sqlite:////'):  # relative: to the folder of peers.toml
+        folder = os.path.dirname(os.path.abspath(path))
+        db_url = f"sqlite:///{os.path.join(folder, db_url[10:])}"
+    return nodes, db_url
 
 
 def _split_hostport(text, path, node):
@@ -182,7 +221,10 @@ def _open_sqlite(path):
         raise ConfigError(f'no such folder for the database: {folder}')
     pragmas = {'journal_mode': 'wal', 'synchronous': 'full',
                'foreign_keys': 1, 'busy_timeout': 5000}
-    return SqliteDatabase(path, pragmas=pragmas, returning_clause=True)
+    # IMMEDIATE: take the write lock at BEGIN, so that nodes sharing the
+    # file queue on the busy timeout instead of failing to upgrade a lock.
+    return SqliteDatabase(path, pragmas=pragmas, returning_clause=True,
+                          lock_type='IMMEDIATE')
 
 
 def _open_postgresql(parts):
@@ -371,6 +413,22 @@ def catalogue_rows():
         by_product.setdefault(item.product_id, []).append(item)
     products = Product.select().order_by(Product.position, Product.id)
     return [(p, by_product.get(p.id, [])) for p in products]
+
+
+def stock_rows():
+    """(item_id, count, version) of every item."""
+    return list(Availability
+                .select(Availability.item, Availability.count,
+                        Availability.version)
+                .tuples())
+
+
+def released_rows():
+    """(product_id, release_at) of every released product."""
+    return list(Product
+                .select(Product.id, Product.release_at)
+                .where(Product.released == True)  # noqa: E712
+                .tuples())
 
 
 def create_tables():
@@ -584,6 +642,15 @@ class Store:
     def load(self):
         """(Re)load the whole inventory from the database."""
         self.inventory.load(self.runner.run(catalogue_rows))
+
+    def refresh(self):
+        """Bring memory up to the database (changes made anywhere)."""
+        stock, released = self.runner.run(
+            lambda: (stock_rows(), released_rows()))
+        for product_id, at in released:
+            self.inventory.product_released(product_id, at, local=False)
+        for item_id, count, version in stock:
+            self.inventory.item_changed(item_id, count, version, local=False)
 
     def buy(self, item, shopper):
         """Place one order; returns Placed, SOLD_OUT or ALREADY_PURCHASED."""
@@ -831,6 +898,302 @@ class EventHub:
 
 
 # ---------------------------------------------------------------------------
+# Replication: ZeroMQ PUB/SUB between nodes
+# ---------------------------------------------------------------------------
+
+MESSAGE_FIELDS = {'availability': ('item_id', 'count', 'version'),
+                  'released': ('product_id',), 'heartbeat': ()}
+
+
+def encode_message(node, boot, seq, kind, **fields):
+    """The two frames of one replication message."""
+    body = {'node': node, 'seq': seq, 'type': kind, 'boot': boot, **fields}
+    return [b'inv', json.dumps(body, separators=(',', ':')).encode()]
+
+
+def decode_message(frames):
+    """A received message as a dict; ValueError when it is malformed."""
+    if len(frames) != 2 or frames[0] != b'inv':
+        raise ValueError('not two frames starting with "inv"')
+    msg = json.loads(frames[1])
+    if not isinstance(msg, dict) or msg.get('type') not in MESSAGE_FIELDS:
+        raise ValueError(f'unknown message {frames[1][:80]!r}')
+    for name in ('seq', *MESSAGE_FIELDS[msg['type']]):
+        if type(msg.get(name)) is not int:
+            raise ValueError(f'{msg["type"]} message without int {name}')
+    if not isinstance(msg.get('node'), str):
+        raise ValueError('message without its origin node')
+    return msg
+
+
+def parse_time(text):
+    """An ISO 8601 UTC time from a message, as stored; now if missing."""
+    try:
+        return datetime.fromisoformat(text.rstrip('Z'))
+    except (AttributeError, ValueError):
+        return utcnow()
+
+
+def curve_keys(config):
+    """(public, secret) of this node when peers.toml has keys, or None."""
+    if not config.public_key:
+        return None
+    secret = config.curve_secret
+    if not secret:
+        raise ConfigError('peers.toml has CURVE keys: set '
+                          'SNEAKERS23_CURVE_SECRET to this node\'s secret')
+    try:
+        public = zmq.curve_public(secret.encode()).decode()
+    except (zmq.ZMQError, ValueError):
+        raise ConfigError('SNEAKERS23_CURVE_SECRET is not a CURVE secret '
+                          'key (40 characters of Z85)') from None
+    if public != config.public_key:
+        raise ConfigError(f'SNEAKERS23_CURVE_SECRET does not match '
+                          f'nodes.{config.node}.public_key')
+    return public, secret
+
+
+class PeerState:
+    """What this node knows of one peer's message stream."""
+
+    def __init__(self, peer):
+        self.peer = peer
+        self.boot = self.last_seq = self.last_heard = None
+        self.silent = False
+        self.messages = 0
+
+    def as_json(self, now):
+        if self.last_heard is None:
+            state, lag = 'never', None
+        else:
+            state = 'silent' if self.silent else 'connected'
+            lag = round((now - self.last_heard) * 1000)
+        return {'address': self.peer.replication, 'state': state,
+                'last_seq': self.last_seq, 'lag_ms': lag,
+                'messages': self.messages}
+
+
+class Replicator:
+    """Sends this node's inventory changes to its peers, applies theirs.
+
+    PUB/SUB loses messages, so every origin numbers its messages (`seq`)
+    and sends a heartbeat each second. A gap, a restarted or silent peer,
+    or a peer heard for the first time makes the node reload its stock
+    from the database: the Clone pattern, the database as the snapshot.
+    """
+
+    def __init__(self, config, inventory, store):
+        self.config, self.inventory, self.store = config, inventory, store
+        self.node = config.node
+        self.boot = format(time.time_ns(), 'x')
+        self.seq = 0
+        self.peers = {p.name: PeerState(p) for p in config.peers.values()}
+        self.resyncs = self.dropped = 0
+        self.context = zmq.Context()
+        self._pub = None
+        self._keys = None
+        self._shutdown = gevent.event.Event()
+        self._resync_wanted = gevent.event.Event()
+        self._greenlets = []
+
+    def start(self):
+        """Bind PUB, subscribe to every peer, start the loops."""
+        self._keys = curve_keys(self.config)
+        if self._keys:
+            self._spawn(self._serve_zap, self._bind_zap())
+        self._pub = self._bind_pub()
+        for state in self.peers.values():
+            self._spawn(self._listen, state)
+        for loop in (self._heartbeat, self._watch_peers, self._resync_loop):
+            self._spawn(loop)
+        self.inventory.listen(self.on_inventory)
+
+    def stop(self):
+        self._shutdown.set()
+        gevent.killall(self._greenlets)
+        self.context.destroy(linger=0)
+
+    def _spawn(self, fn, *args):
+        self._greenlets.append(gevent.spawn(fn, *args))
+
+    def health(self):
+        now = time.monotonic()
+        return {name: state.as_json(now)
+                for name, state in sorted(self.peers.items())}
+
+    # -- sending --------------------------------------------------------
+
+    def on_inventory(self, kind, product, item, old_level, local):
+        """Inventory listener: publish local changes, never remote ones."""
+        if not local:
+            return
+        if kind == 'availability':
+            self.publish('availability', item_id=item.id, count=item.count,
+                         version=item.version)
+        elif kind == 'released':
+            self.publish('released', product_id=product.id,
+                         release_at=product.release_at.isoformat() + 'Z')
+
+    def publish(self, kind, **fields):
+        """Send one message to every subscribed peer."""
+        self.seq += 1
+        if (self.config.drop_rate and kind != 'heartbeat'
+                and random.random() < self.config.drop_rate):
+            self.dropped += 1
+            return
+        self._pub.send_multipart(
+            encode_message(self.node, self.boot, self.seq, kind, **fields))
+
+    def _bind_pub(self):
+        pub = self.context.socket(zmq.PUB)
+        if self._keys:
+            pub.curve_server = True
+            pub.curve_publickey, pub.curve_secretkey = (
+                k.encode() for k in self._keys)
+            pub.zap_domain = b'sneakers23'
+        try:
+            pub.bind(self.config.replication)
+        except zmq.ZMQError as e:
+            raise ConfigError(f'cannot bind replication at '
+                              f'{self.config.replication!r}: {e}') from None
+        return pub
+
+    def _heartbeat(self):
+        while not self._shutdown.wait(HEARTBEAT_INTERVAL):
+            try:
+                self.publish('heartbeat')
+            except Exception:
+                logger.exception('replication heartbeat failed')
+
+    # -- receiving ------------------------------------------------------
+
+    def _listen(self, state):
+        sub = self._subscribe(state.peer)
+        while not self._shutdown.is_set():
+            frames = sub.recv_multipart()
+            try:
+                self.receive(state, decode_message(frames))
+            except ValueError as e:
+                logger.warning('replication: bad message from %s: %s',
+                               state.peer.name, e)
+            except Exception:
+                logger.exception('replication: applying a message failed')
+
+    def _subscribe(self, peer):
+        sub = self.context.socket(zmq.SUB)
+        if self._keys:
+            sub.curve_serverkey = peer.public_key.encode()
+            sub.curve_publickey, sub.curve_secretkey = (
+                k.encode() for k in self._keys)
+            self._spawn(self._watch_handshakes, peer,
+                        sub.get_monitor_socket())
+        sub.setsockopt(zmq.SUBSCRIBE, b'inv')
+        sub.connect(peer.replication)
+        return sub
+
+    def receive(self, state, msg):
+        """Apply one peer message; ask for a reload when some were lost."""
+        if msg['node'] != state.peer.name:
+            raise ValueError(f'message from {state.peer.name} claims to '
+                             f'come from {msg["node"]!r}')
+        was_silent = state.silent
+        state.last_heard, state.silent = time.monotonic(), False
+        state.messages += 1
+        reason = self._stream_fault(state, msg)
+        self.apply(msg)
+        if reason or was_silent:
+            self.request_resync(reason or f'{state.peer.name} is back')
+
+    def _stream_fault(self, state, msg):
+        """Why this message shows lost messages, or None."""
+        seq, boot = msg['seq'], msg.get('boot')
+        if boot != state.boot or state.last_seq is None:
+            joined = 'joined' if state.boot is None else 'restarted'
+            state.boot, state.last_seq = boot, seq
+            return f'{state.peer.name} {joined}'
+        expected, state.last_seq = state.last_seq + 1, max(state.last_seq,
+                                                           seq)
+        if seq > expected:
+            return f'{seq - expected} message(s) from {state.peer.name} lost'
+        return None
+
+    def apply(self, msg):
+        """Apply a peer's change to memory as a remote one."""
+        if msg['type'] == 'availability':
+            self.inventory.item_changed(msg['item_id'], msg['count'],
+                                        msg['version'], local=False)
+        elif msg['type'] == 'released':
+            self.inventory.product_released(
+                msg['product_id'], parse_time(msg.get('release_at')),
+                local=False)
+
+    def request_resync(self, reason):
+        """Reload stock from the database soon (coalesced)."""
+        logger.info('replication: reloading from the database: %s', reason)
+        self._resync_wanted.set()
+
+    def _resync_loop(self):
+        while not self._shutdown.is_set():
+            self._resync_wanted.wait()
+            self._resync_wanted.clear()
+            try:
+                self.store.refresh()
+                self.resyncs += 1
+            except Exception:
+                logger.exception('replication: reload failed; retrying')
+                self._resync_wanted.set()
+                self._shutdown.wait(0.5)
+
+    def _watch_peers(self):
+        """Notice peers that went silent: their last changes may be lost."""
+        while not self._shutdown.wait(HEARTBEAT_INTERVAL / 4):
+            now = time.monotonic()
+            for state in self.peers.values():
+                if (state.last_heard and not state.silent
+                        and now - state.last_heard > PEER_SILENT_AFTER):
+                    state.silent = True
+                    self.request_resync(f'{state.peer.name} went silent')
+
+    # -- CURVE ----------------------------------------------------------
+
+    def _bind_zap(self):
+        zap = self.context.socket(zmq.REP)
+        zap.bind(ZAP_ENDPOINT)
+        return zap
+
+    def _serve_zap(self, zap):
+        """ZAP: only the public keys listed in peers.toml may subscribe."""
+        allowed = {s.peer.public_key for s in self.peers.values()}
+        while not self._shutdown.is_set():
+            version, request_id, _, address, _, mechanism, *creds = (
+                zap.recv_multipart())
+            key = (z85.encode(creds[0]).decode()
+                   if mechanism == b'CURVE' and creds else '')
+            ok = key in allowed
+            if not ok:
+                logger.warning('replication: refused %s with a key not in '
+                               'peers.toml (%s)', address.decode(), key)
+            zap.send_multipart([version, request_id,
+                                b'200' if ok else b'400',
+                                b'OK' if ok else b'unknown key', b'', b''])
+
+    def _watch_handshakes(self, peer, monitor):
+        """Log a peer whose key is not the one peers.toml lists."""
+        failed = (zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        warned = False
+        while not self._shutdown.is_set():
+            event = recv_monitor_message(monitor)
+            if event['event'] & failed and not warned:
+                logger.warning('replication: refused %s at %s: its key is '
+                               'not the one in peers.toml', peer.name,
+                               peer.replication)
+            warned = bool(event['event'] & failed) or (
+                warned and event['event'] != zmq.EVENT_HANDSHAKE_SUCCEEDED)
+
+
+# ---------------------------------------------------------------------------
 # Web: the Bottle app
 # ---------------------------------------------------------------------------
 
@@ -865,6 +1228,9 @@ class Node:
         self.hub = EventHub(self.inventory)
         self.inventory.listen(self.hub.on_inventory)
         self.store = Store(self.runner, self.inventory, config.node)
+        self.replicator = None
+        if config.replication:
+            self.replicator = Replicator(config, self.inventory, self.store)
         self.cookie_key = ''
         self._cache = {}
 
@@ -873,19 +1239,40 @@ class Node:
         self.runner.run(self._prepare_database)
         self.store.load()
         self.hub.start()
+        if self.replicator:
+            self.replicator.start()
 
     def stop(self):
+        if self.replicator:
+            self.replicator.stop()
         self.hub.stop()
         self.store.stop()
 
+    def health(self):
+        """What `/healthz` shows."""
+        peers = self.replicator.health() if self.replicator else {}
+        return {'node': self.config.node, 'db': redact(self.config.db_url),
+                'peers': peers, 'streams': self.hub.open_streams,
+                'products': len(self.inventory.products),
+                'event_id': self.hub.last_event_id}
+
     def _prepare_database(self):
-        create_tables()
-        if self.config.seed_when_empty and not Product.select().exists():
-            count = seed(self.config.catalog)
-            logger.info('seeded %d products from %s', count,
-                        self.config.catalog)
+        try:
+            self._create_and_seed()
+        except DatabaseError:
+            if not Product.table_exists():
+                raise
+            logger.info('another node prepared the database at once')
         self.cookie_key = Setting.get_or_make(
             'cookie_key', lambda: secrets.token_hex(32))
+
+    def _create_and_seed(self):
+        if not self.config.seed_when_empty:
+            return create_tables()
+        count = seed(self.config.catalog)
+        if count:
+            logger.info('seeded %d products from %s', count,
+                        self.config.catalog)
 
     def cached(self, name, key, make):
         """`make()` once per value of `key`."""
@@ -1089,10 +1476,7 @@ def _restock(node, item_id):
 
 
 def _health(node):
-    return {'node': node.config.node, 'db': redact(node.config.db_url),
-            'peers': {}, 'streams': node.hub.open_streams,
-            'products': len(node.inventory.products),
-            'event_id': node.hub.last_event_id}
+    return node.health()
 
 
 def _static(path):
@@ -1182,8 +1566,22 @@ def serve_config(args):
             fields['db_url' if name == 'db' else name] = value
     if not 0 < fields.get('port', DEFAULT_PORT) < 65536:
         raise ConfigError('--port must be between 1 and 65535')
-    fields['admin_token'] = os.environ.get('SNEAKERS23_ADMIN_TOKEN', '')
+    env = os.environ
+    fields['admin_token'] = env.get('SNEAKERS23_ADMIN_TOKEN', '')
+    fields['curve_secret'] = env.get('SNEAKERS23_CURVE_SECRET', '')
+    fields['drop_rate'] = _drop_rate(env.get('SNEAKERS23_TEST_DROP_RATE'))
     return Config(**fields)
+
+
+def _drop_rate(text):
+    """The test-only share of replication messages to lose on purpose."""
+    try:
+        rate = float(text or 0)
+    except ValueError:
+        rate = -1
+    if not 0 <= rate < 1:
+        raise ConfigError('SNEAKERS23_TEST_DROP_RATE must be in [0, 1)')
+    return rate
 
 
 def serve(config):

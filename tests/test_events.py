@@ -1,0 +1,678 @@
+"""Server-Sent Events: what a subscriber of `/events` sees.
+
+Pure tests drive `format_event`, `level_of` and `EventHub` directly;
+the rest talk to a real node process over HTTP.
+"""
+
+import json
+import re
+import socket
+import time
+from types import SimpleNamespace
+
+import bottle
+import gevent
+import pytest
+from conftest import SSEClient
+from gevent.pywsgi import WSGIServer
+
+import sneakers23
+
+LEVELS = ('out', 'low', 'medium', 'high')
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+def parse_chunk(chunk):
+    """A stream's bytes as (retry, [(id, name, data)]); strict format."""
+    text = chunk.decode()
+    assert text.endswith('\n\n'), text
+    retry, events = None, []
+    for block in text[:-2].split('\n\n'):
+        lines = block.split('\n')
+        if lines[0].startswith('retry: '):
+            assert len(lines) == 1, block
+            retry = int(lines[0][len('retry: '):])
+            continue
+        assert len(lines) == 3, block
+        assert lines[0].startswith('id: '), block
+        assert lines[1].startswith('event: '), block
+        assert lines[2].startswith('data: '), block
+        events.append((lines[0][4:], lines[1][7:], json.loads(lines[2][6:])))
+    return retry, events
+
+
+def fake_inventory():
+    """Two products of four items at 0, 149, 150 and 500 pairs."""
+    inventory = sneakers23.Inventory()
+    rows, item_id = [], 0
+    for product_id in (1, 2):
+        row = SimpleNamespace(
+            id=product_id, sku=f'P{product_id}', brand='B', name='N',
+            color='c', price_cents=100, image='p.svg', position=product_id,
+            released=product_id == 1, release_at=None)
+        items = []
+        for size, count in (('9', 0), ('10', 149), ('11', 150),
+                            ('12', 500)):
+            item_id += 1
+            items.append(SimpleNamespace(
+                id=item_id, sku=f'P{product_id}-{size}', size=size,
+                count=count, version=1))
+        rows.append((row, items))
+    inventory.load(rows)
+    return inventory
+
+
+def first_chunk(hub, products=None, last_event_id=None):
+    """The opening bytes of one stream; the generator is closed after."""
+    stream = hub.stream(products, last_event_id)
+    try:
+        return next(stream)
+    finally:
+        stream.close()
+
+
+def publish_n(hub, n, product_id=1):
+    """Publish `n` stock_change events; their ids."""
+    ids = []
+    for i in range(n):
+        hub.publish('stock_change', product_id,
+                    {'product_id': product_id, 'item_id': i,
+                     'level': LEVELS[i % 4]})
+        ids.append(hub.last_event_id)
+    return ids
+
+
+def wait_until(check, timeout=5.0, message='condition'):
+    """Poll `check()` until it is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f'{message}: not true within {timeout}s')
+        gevent.sleep(0.01)
+
+
+def streams(node):
+    """How many SSE streams the node reports open."""
+    status, _, health = node.get('/healthz')
+    assert status == 200
+    return health['streams']
+
+
+def buy(node, item_id):
+    """One purchase by a brand new shopper (no cookie): must succeed."""
+    status, _, answer = node.post('/api/purchase', {'item_id': item_id})
+    assert status == 201, answer
+    return answer
+
+
+def items_of(node, product_id):
+    return next(p['items'] for p in node.products()
+                if p['id'] == product_id)
+
+
+def low_item(node, product_id, skip=()):
+    """An item of the product with 1..149 pairs."""
+    return next(i for i in items_of(node, product_id)
+                if 0 < i['count'] < 150 and i['id'] not in skip)
+
+
+def raise_to(node, item, target):
+    """Restock `item` (a /api/products dict) up to exactly `target`."""
+    answer = node.restock(item['id'], target - item['count'])
+    assert answer['count'] == target, answer
+
+
+def seq_of(event_id):
+    epoch, _, seq = event_id.rpartition('-')
+    assert epoch and seq.isdigit(), event_id
+    return int(seq)
+
+
+def close_client(client):
+    """Really close an SSEClient's connection (see the report)."""
+    client.close()
+    client.response.close()
+
+
+def summary(events):
+    """(event, product_id, item_id, level) of parsed SSE events."""
+    return [(e['event'], e['data'].get('product_id'),
+             e['data'].get('item_id'), e['data'].get('level'))
+            for e in events]
+
+
+def parsed(client):
+    return [dict(e, data=json.loads(e['data'])) for e in client.events]
+
+
+# ---------------------------------------------------------------------------
+# Pure: encoding and levels
+# ---------------------------------------------------------------------------
+
+def test_format_event_exact_bytes():
+    data = {'product_id': 1, 'item_id': 7, 'level': 'low'}
+    assert sneakers23.format_event('stock_change', data, 'abc-42') == (
+        b'id: abc-42\n'
+        b'event: stock_change\n'
+        b'data: {"product_id":1,"item_id":7,"level":"low"}\n'
+        b'\n')
+
+
+def test_format_event_keeps_multiline_html_on_one_data_line():
+    html = '<div class="x">\n  <button value="1">9</button>\n</div>\n'
+    data = {'product_id': 3, 'size_html': html, 'items': []}
+    raw = sneakers23.format_event('released', data, 'e-1')
+    text = raw.decode()
+    assert text.endswith('\n\n') and text.count('\n\n') == 1
+    lines = text[:-2].split('\n')
+    assert lines[:2] == ['id: e-1', 'event: released']
+    assert len(lines) == 3 and lines[2].startswith('data: ')
+    assert json.loads(lines[2][len('data: '):]) == data
+    assert ', ' not in lines[2] and '": ' not in lines[2]
+
+
+@pytest.mark.parametrize('count, level', [
+    (-1, 'out'), (0, 'out'), (1, 'low'), (149, 'low'), (150, 'medium'),
+    (499, 'medium'), (500, 'high'), (10**6, 'high')])
+def test_level_of_boundaries(count, level):
+    assert sneakers23.level_of(count) == level
+
+
+# ---------------------------------------------------------------------------
+# Pure: the hub without HTTP
+# ---------------------------------------------------------------------------
+
+def test_inventory_changes_become_stock_change_only_on_level_change():
+    inventory = fake_inventory()
+    hub = sneakers23.EventHub(inventory, buffer_size=64)
+    inventory.listen(hub.on_inventory)
+    start = hub.last_event_id
+    inventory.item_changed(2, 148, 2)   # 149 -> 148: low, no event
+    inventory.item_changed(3, 149, 2)   # 150 -> 149: medium -> low
+    inventory.item_changed(4, 499, 2)   # 500 -> 499: high -> medium
+    inventory.item_changed(4, 498, 2)   # stale version: ignored
+    inventory.item_changed(3, 150, 3)   # back to medium
+    inventory.item_changed(2, 0, 3)     # sold out
+    inventory.item_changed(1, 0, 2)     # still 0: `out` is always told
+    _, events = parse_chunk(first_chunk(hub, None, start))
+    assert [(name, d['item_id'], d['level']) for _, name, d in events] == [
+        ('stock_change', 3, 'low'), ('stock_change', 4, 'medium'),
+        ('stock_change', 3, 'medium'), ('stock_change', 2, 'out'),
+        ('stock_change', 1, 'out')]
+    assert all(d['product_id'] == 1 for _, _, d in events)
+
+
+def test_release_becomes_released_event_with_size_html():
+    inventory = fake_inventory()
+    hub = sneakers23.EventHub(inventory, buffer_size=64)
+    inventory.listen(hub.on_inventory)
+    start = hub.last_event_id
+    at = sneakers23.utcnow()
+    inventory.product_released(2, at)
+    inventory.product_released(2, at)   # already released: no event
+    _, events = parse_chunk(first_chunk(hub, None, start))
+    assert len(events) == 1
+    _, name, data = events[0]
+    assert name == 'released' and data['product_id'] == 2
+    assert data['items'] == [
+        {'id': 5, 'size': '9', 'level': 'out'},
+        {'id': 6, 'size': '10', 'level': 'low'},
+        {'id': 7, 'size': '11', 'level': 'medium'},
+        {'id': 8, 'size': '12', 'level': 'high'}]
+    assert data['size_html'].count('size-container__entry ') == 4
+
+
+def test_stream_without_last_event_id_opens_with_retry_only():
+    hub = sneakers23.EventHub(fake_inventory(), buffer_size=8)
+    publish_n(hub, 3)
+    for last_id in (None, ''):
+        chunk = first_chunk(hub, None, last_id)
+        assert chunk.startswith(b'retry: ')
+        retry, events = parse_chunk(chunk)
+        assert retry > 0 and events == []
+    assert hub.open_streams == 0
+
+
+def test_stream_replays_events_missed_after_a_known_id():
+    hub = sneakers23.EventHub(fake_inventory(), buffer_size=8)
+    ids = publish_n(hub, 4)
+    chunk = first_chunk(hub, None, ids[0])
+    retry, events = parse_chunk(chunk)
+    assert retry > 0
+    assert [e[0] for e in events] == ids[1:]
+    assert [e[2]['item_id'] for e in events] == [1, 2, 3]
+    expected = b''.join(
+        sneakers23.format_event('stock_change', data, event_id)
+        for event_id, _, data in events)
+    assert chunk.endswith(expected)
+    # up to date: nothing to replay
+    assert parse_chunk(first_chunk(hub, None, ids[-1]))[1] == []
+
+
+@pytest.mark.parametrize('last_id', [
+    'zzz-5', 'garbage', '-', '{epoch}-', '{epoch}-x1', '{epoch}--1',
+    '{epoch}-999', 'zzz-1-2'])
+def test_stream_sends_snapshot_for_an_unusable_last_event_id(last_id):
+    hub = sneakers23.EventHub(fake_inventory(), buffer_size=8)
+    publish_n(hub, 3)
+    chunk = first_chunk(hub, None, last_id.format(epoch=hub.epoch))
+    retry, events = parse_chunk(chunk)
+    assert retry > 0 and len(events) == 1
+    event_id, name, data = events[0]
+    assert (event_id, name) == (hub.last_event_id, 'snapshot')
+    assert data == {'products': [
+        {'product_id': 1, 'released': True, 'items': [
+            {'id': 1, 'level': 'out'}, {'id': 2, 'level': 'low'},
+            {'id': 3, 'level': 'medium'}, {'id': 4, 'level': 'high'}]},
+        {'product_id': 2, 'released': False, 'items': [
+            {'id': 5, 'level': 'out'}, {'id': 6, 'level': 'low'},
+            {'id': 7, 'level': 'medium'}, {'id': 8, 'level': 'high'}]}]}
+
+
+def test_stream_sends_snapshot_when_missed_events_left_the_ring():
+    hub = sneakers23.EventHub(fake_inventory(), buffer_size=3)
+    ids = publish_n(hub, 6)       # the ring keeps ids[3:]
+    _, events = parse_chunk(first_chunk(hub, None, ids[2]))
+    assert [e[0] for e in events] == ids[3:]
+    for old in (ids[1], ids[0], f'{hub.epoch}-0'):
+        _, events = parse_chunk(first_chunk(hub, None, old))
+        assert [(e[0], e[1]) for e in events] == [
+            (hub.last_event_id, 'snapshot')]
+
+
+def test_stream_products_filter_applies_to_replay_and_snapshot():
+    hub = sneakers23.EventHub(fake_inventory(), buffer_size=16)
+    start = hub.last_event_id
+    publish_n(hub, 2, product_id=1)
+    two = publish_n(hub, 2, product_id=2)
+    publish_n(hub, 1, product_id=1)
+    _, events = parse_chunk(first_chunk(hub, {2}, start))
+    assert [e[0] for e in events] == two
+    assert {e[2]['product_id'] for e in events} == {2}
+    _, events = parse_chunk(first_chunk(hub, {1, 2}, start))
+    assert len(events) == 5
+    _, events = parse_chunk(first_chunk(hub, {2}, 'zzz-5'))
+    assert [e[1] for e in events] == ['snapshot']
+    assert [p['product_id'] for p in events[0][2]['products']] == [2]
+
+
+def test_stream_sends_keep_alive_comment_when_idle(monkeypatch):
+    monkeypatch.setattr(sneakers23, 'SSE_KEEPALIVE', 0.05)
+    hub = sneakers23.EventHub(fake_inventory(), buffer_size=8)
+    stream = hub.stream()
+    try:
+        next(stream)
+        assert hub.open_streams == 1
+        started = time.monotonic()
+        chunk = next(stream)
+        assert chunk.startswith(b':') and chunk.endswith(b'\n\n')
+        assert time.monotonic() - started < 1
+    finally:
+        stream.close()
+    assert hub.open_streams == 0
+
+
+def test_hub_cuts_off_a_stream_that_stopped_reading():
+    hub = sneakers23.EventHub(fake_inventory(), buffer_size=8)
+    hub.start()
+    received = []
+
+    def stalled():             # reads the opening, then never again
+        stream = hub.stream()
+        next(stream)
+        gevent.sleep(60)
+
+    def reader():
+        for chunk in hub.stream():
+            received.extend(parse_chunk(chunk)[1])
+
+    slow, fast = gevent.spawn(stalled), gevent.spawn(reader)
+    try:
+        wait_until(lambda: hub.open_streams == 2, 2, 'two streams open')
+        ids = []
+        for _ in range(20):
+            ids += publish_n(hub, 1)
+            gevent.sleep(0)
+        wait_until(lambda: hub.open_streams == 1, 3, 'laggard cut off')
+        wait_until(lambda: slow.dead, 1, 'laggard greenlet ended')
+        assert not fast.dead
+        wait_until(lambda: len(received) == 20, 1, 'reader got all')
+        assert [e[0] for e in received] == ids
+        # it comes back with its last id: too old, so a snapshot
+        _, events = parse_chunk(first_chunk(hub, None, f'{hub.epoch}-0'))
+        assert [e[1] for e in events] == ['snapshot']
+    finally:
+        hub.stop()
+        gevent.killall([slow, fast])
+
+
+def test_hub_cuts_off_a_real_socket_that_never_reads():
+    """In-process WSGI server, small buffers: a blocked write is cut."""
+    hub = sneakers23.EventHub(fake_inventory(), buffer_size=32)
+    hub.start()
+    app = bottle.Bottle()
+    app.route('/events', 'GET', lambda: hub.stream())
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(16)
+    server = WSGIServer(listener, app, log=None, error_log=None)
+    server.start()
+    port = listener.getsockname()[1]
+    dead = socket.socket()
+    dead.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    dead.connect(('127.0.0.1', port))
+    dead.sendall(b'GET /events HTTP/1.1\r\nHost: x\r\n\r\n')
+    reader = None
+    try:
+        wait_until(lambda: hub.open_streams == 1, 2, 'dead one open')
+        reader = SSEClient(f'http://127.0.0.1:{port}')
+        wait_until(lambda: hub.open_streams == 2, 2, 'reader open')
+        padding = 'x' * 2000
+        for n in range(1, 201):
+            hub.publish('stock_change', 1, {'product_id': 1, 'item_id': n,
+                                            'level': 'low', 'pad': padding})
+            wait_until(lambda n=n: len(reader.events) == n, 1,
+                       f'event {n} reached the reader')
+        wait_until(lambda: hub.open_streams == 1, 4, 'dead one cut off')
+        dead.settimeout(5)
+        total = 0
+        while chunk := dead.recv(65536):     # the server closed it
+            total += len(chunk)
+        assert total < 200 * 2000
+        assert [seq_of(e['id']) for e in reader.events] == list(
+            range(1, 201))
+    finally:
+        if reader:
+            close_client(reader)
+        dead.close()
+        server.stop(timeout=1)
+        hub.stop()
+
+
+# ---------------------------------------------------------------------------
+# Real server
+# ---------------------------------------------------------------------------
+
+def test_stream_headers_retry_and_event_ids(sqlite_node, sse):
+    client = sse(sqlite_node.url)
+    assert client.headers['content-type'].startswith('text/event-stream')
+    assert client.headers['cache-control'] == 'no-cache'
+    assert client.headers['x-accel-buffering'] == 'no'
+    wait_until(lambda: client.raw, 2, 'the stream opened')
+    assert client.raw[0].startswith('retry: ')
+    assert int(client.raw[0][len('retry: '):]) > 0
+    sqlite_node.release(1)
+    item = low_item(sqlite_node, 1)
+    raise_to(sqlite_node, item, 150)
+    buy(sqlite_node, item['id'])
+    client.wait_for('stock_change', 2, count=2)
+    epoch = sqlite_node.get('/healthz')[2]['event_id'].rpartition('-')[0]
+    assert len(client.events) == 3
+    seqs = []
+    for event in client.events:
+        assert re.fullmatch(re.escape(epoch) + r'-\d+', event['id'])
+        seqs.append(seq_of(event['id']))
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    # every event block in the raw lines starts with its id line
+    blocks = '\n'.join(client.raw).split('\n\n')
+    for block in blocks:
+        if 'event: ' in block:
+            assert block.strip('\n').startswith('id: '), block
+
+
+def test_release_sends_released_event_within_one_second(node, sse):
+    client = sse(node.url)
+    wait_until(lambda: client.raw, 2, 'the stream opened')
+    started = time.monotonic()
+    node.release(1)
+    [event] = client.wait_for('released', timeout=1)
+    assert time.monotonic() - started < 1
+    data = event['data']
+    assert set(data) == {'product_id', 'size_html', 'items'}
+    assert data['product_id'] == 1
+    items = items_of(node, 1)
+    assert data['items'] == [
+        {'id': i['id'], 'size': i['size'], 'level': i['level']}
+        for i in items]
+    buttons = re.findall(r'<button\b[^>]*>', data['size_html'])
+    assert len(buttons) == len(items)
+    assert data['size_html'].count('size-container__entry ') == len(items)
+    for button, item in zip(buttons, items, strict=True):
+        assert (f'class="size-container__entry size-container__entry'
+                f'--level-{item["level"]}"') in button
+        assert f'value="{item["id"]}"' in button
+        assert ('disabled' in button) == (item['level'] == 'out')
+    # releasing again is idempotent: no second event before the marker
+    node.release(1)
+    node.release(2)
+    client.wait_for('released', where=lambda d: d['product_id'] == 2)
+    assert [d['product_id'] for d in
+            (e['data'] for e in client.named('released'))] == [1, 2]
+
+
+def test_only_level_crossing_purchases_send_stock_change(node, sse):
+    node.release(1)
+    low = low_item(node, 1)
+    medium = next(i for i in items_of(node, 1)
+                  if 150 <= i['count'] < 499)
+    high = next(i for i in items_of(node, 1) if i['count'] > 501)
+    client = sse(node.url)
+    wait_until(lambda: client.raw, 2, 'the stream opened')
+    raise_to(node, low, 150)        # low -> medium
+    raise_to(node, medium, 500)     # medium -> high
+    buy(node, high['id'])           # still high: nothing
+    buy(node, low['id'])            # 150 -> 149: medium -> low
+    buy(node, low['id'])            # 149 -> 148: nothing
+    buy(node, medium['id'])         # 500 -> 499: high -> medium
+    node.release(2)                 # marker: everything before is in
+    client.wait_for('released', where=lambda d: d['product_id'] == 2)
+    assert summary(parsed(client)) == [
+        ('stock_change', 1, low['id'], 'medium'),
+        ('stock_change', 1, medium['id'], 'high'),
+        ('stock_change', 1, low['id'], 'low'),
+        ('stock_change', 1, medium['id'], 'medium'),
+        ('released', 2, None, None)]
+    assert node.item(low['id'])['level'] == 'low'
+    assert node.item(medium['id'])['level'] == 'medium'
+
+
+def test_selling_the_last_pair_sends_out(sqlite_node, sse):
+    node = sqlite_node
+    item = min((i for p in node.products() for i in p['items']
+                if i['count'] > 0), key=lambda i: i['count'])
+    product_id = next(p['id'] for p in node.products()
+                      if item in p['items'])
+    assert item['count'] <= 5, item
+    node.release(product_id)
+    client = sse(node.url)
+    wait_until(lambda: client.raw, 2, 'the stream opened')
+    for _ in range(item['count']):
+        buy(node, item['id'])
+    status, _, answer = node.post('/api/purchase', {'item_id': item['id']})
+    assert (status, answer) == (409, {'error': 'sold_out'})
+    marker = low_item(node, product_id, skip={item['id']})
+    raise_to(node, marker, 150)
+    client.wait_for('stock_change', where=lambda d: d['item_id'] ==
+                    marker['id'])
+    assert summary(parsed(client)) == [
+        ('stock_change', product_id, item['id'], 'out'),
+        ('stock_change', product_id, marker['id'], 'medium')]
+    assert node.item(item['id'])['level'] == 'out'
+
+
+def test_products_filter_hides_other_products(sqlite_node, sse):
+    node = sqlite_node
+    only_two = sse(node.url, '/events?products=2')
+    two_three = sse(node.url, '/events?products=3,2')
+    everything = sse(node.url, '/events?products=')
+    for client in (only_two, two_three, everything):
+        wait_until(lambda c=client: c.raw, 2, 'the stream opened')
+    node.release(1)
+    raise_to(node, low_item(node, 1), 150)
+    node.release(2)
+    two = low_item(node, 2)
+    raise_to(node, two, 150)
+    node.release(3)
+    everything.wait_for('released', where=lambda d: d['product_id'] == 3)
+    two_three.wait_for('released', where=lambda d: d['product_id'] == 3)
+    assert [s[:2] for s in summary(parsed(everything))] == [
+        ('released', 1), ('stock_change', 1), ('released', 2),
+        ('stock_change', 2), ('released', 3)]
+    assert summary(parsed(only_two)) == [
+        ('released', 2, None, None),
+        ('stock_change', 2, two['id'], 'medium')]
+    assert [s[:2] for s in summary(parsed(two_three))] == [
+        ('released', 2), ('stock_change', 2), ('released', 3)]
+    ids = [e['id'] for e in everything.events]
+    assert [e['id'] for e in only_two.events] == ids[2:4]
+
+
+@pytest.mark.parametrize('query, status, error', [
+    ('abc', 400, None), ('1,abc', 400, None), ('1.5', 400, None),
+    ('999', 404, 'not_found'), ('1,999', 404, 'not_found'),
+    ('-1', 404, 'not_found')])
+def test_products_filter_errors_are_json(sqlite_node, query, status,
+                                         error):
+    got, headers, answer = sqlite_node.get(f'/events?products={query}')
+    assert got == status
+    assert headers['content-type'].startswith('application/json')
+    assert isinstance(answer, dict) and isinstance(answer['error'], str)
+    if error:
+        assert answer['error'] == error
+    assert streams(sqlite_node) == 0
+
+
+def test_reconnect_with_last_event_id_replays_missed_events(sqlite_node,
+                                                             sse):
+    node = sqlite_node
+    witness = sse(node.url)
+    leaver = sse(node.url)
+    for client in (witness, leaver):
+        wait_until(lambda c=client: c.raw, 2, 'the stream opened')
+    node.release(1)
+    raise_to(node, low_item(node, 1), 150)
+    leaver.wait_for('stock_change')
+    last_seen = leaver.events[-1]['id']
+    close_client(leaver)
+    # missed while away
+    node.release(2)
+    raise_to(node, low_item(node, 2), 150)
+    node.release(3)
+    witness.wait_for('released', where=lambda d: d['product_id'] == 3)
+    at = [e['id'] for e in witness.events].index(last_seen)
+    missed = witness.events[at + 1:]
+    assert len(missed) == 3
+    by_header = sse(node.url, headers={'Last-Event-ID': last_seen})
+    by_query = sse(node.url, f'/events?last_event_id={last_seen}')
+    for client in (by_header, by_query):
+        client.wait_for('released', where=lambda d: d['product_id'] == 3)
+        assert client.raw[0].startswith('retry: ')
+        assert client.events == missed
+        assert client.named('snapshot') == []
+    # and they stay live afterwards, with the next id
+    raise_to(node, low_item(node, 3), 150)
+    for client in (by_header, by_query):
+        [event] = client.wait_for('stock_change',
+                                  where=lambda d: d['product_id'] == 3)
+        assert seq_of(event['id']) == seq_of(missed[-1]['id']) + 1
+
+
+def test_reconnect_with_unknown_id_gets_snapshot(sqlite_node, sse):
+    node = sqlite_node
+    node.release(1)
+    item = low_item(node, 1)
+    raise_to(node, item, 150)
+    buy(node, item['id'])
+    health = node.get('/healthz')[2]
+    epoch = health['event_id'].rpartition('-')[0]
+    products = node.products()
+    expected = [{'product_id': p['id'], 'released': p['released'],
+                 'items': [{'id': i['id'], 'level': i['level']}
+                           for i in p['items']]} for p in products]
+    for last_id in ('zzz-5', 'garbage', f'{epoch}-99999'):
+        client = sse(node.url, headers={'Last-Event-ID': last_id})
+        [event] = client.wait_for('snapshot', timeout=2)
+        assert event['id'] == health['event_id']
+        assert event['data'] == {'products': expected}
+        assert client.raw[0].startswith('retry: ')
+    only_two = sse(node.url, '/events?products=2&last_event_id=zzz-5')
+    [event] = only_two.wait_for('snapshot', timeout=2)
+    assert event['data'] == {'products': [expected[1]]}
+    assert expected[1]['product_id'] == 2
+
+
+def test_client_that_never_reads_does_not_slow_others(sqlite_node, sse):
+    node = sqlite_node
+    for product_id in (1, 2, 3, 4):
+        node.release(product_id)
+    dead = socket.socket()
+    dead.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    dead.connect(('127.0.0.1', node.port))
+    dead.sendall(b'GET /events HTTP/1.1\r\nHost: x\r\n\r\n')
+    try:
+        wait_until(lambda: streams(node) == 1, 2, 'dead stream open')
+        client = sse(node.url)
+        wait_until(lambda: streams(node) == 2, 2, 'live stream open')
+        toggled = [i for p in (1, 2, 3, 4) for i in items_of(node, p)
+                   if 0 < i['count'] < 150][:16]
+        for item in toggled:
+            raise_to(node, item, 150)
+        client.wait_for('stock_change', count=len(toggled))
+        before = len(client.events)
+        rounds = 40
+
+        def toggle(item_id):
+            for _ in range(rounds):
+                buy(node, item_id)          # 150 -> 149: low
+                node.restock(item_id, 1)    # 149 -> 150: medium
+
+        pool = [gevent.spawn(toggle, i['id']) for i in toggled]
+        gevent.joinall(pool, raise_error=True)
+        triggered = time.monotonic()
+        total = before + 2 * rounds * len(toggled)
+        wait_until(lambda: len(client.events) >= total, 1,
+                   'every event reached the reading client')
+        assert time.monotonic() - triggered < 1
+        assert len(client.events) == total
+        burst = parsed(client)[before:]
+        seqs = [seq_of(e['id']) for e in burst]
+        assert seqs == list(range(seqs[0], seqs[0] + len(burst)))
+        for item in toggled:
+            levels = [e['data']['level'] for e in burst
+                      if e['data']['item_id'] == item['id']]
+            assert levels == ['low', 'medium'] * rounds
+        # one more event still arrives promptly
+        started = time.monotonic()
+        buy(node, toggled[0]['id'])
+        wait_until(lambda: len(client.events) == total + 1, 1,
+                   'the next event reached the reading client')
+        assert time.monotonic() - started < 1
+    finally:
+        dead.close()
+
+
+def test_disconnected_client_is_removed(sqlite_node, sse):
+    node = sqlite_node
+    node.release(1)
+    assert streams(node) == 0
+    stayer, leaver = sse(node.url), sse(node.url)
+    wait_until(lambda: streams(node) == 2, 2, 'two streams open')
+    close_client(leaver)
+    item_id = low_item(node, 1)['id']
+
+    def gone():
+        # the server only notices on a write: make two events each time
+        raise_to(node, node.item(item_id), 150)     # -> medium
+        buy(node, item_id)                          # -> low
+        return streams(node) == 1
+
+    wait_until(gone, 5, 'the closed stream was dropped')
+    assert stayer.named('stock_change')
+    assert streams(node) == 1

@@ -1,0 +1,257 @@
+"""The store page in a real browser: what a shopper sees, live.
+
+Headless Debian chromium (`/usr/bin/chromium`) driven by Playwright; every
+test starts its own node on a fresh SQLite database, opens the page and
+changes the store through the HTTP API while the page stays open.
+"""
+
+import os
+import re
+
+import gevent
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+CHROMIUM = '/usr/bin/chromium'
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu',
+                 '--disable-background-networking',
+                 '--disable-component-update', '--disable-sync']
+LIVE = 5_000          # ms: an event on an open stream reaches the page
+RECONNECT = 10_000    # ms: EventSource retries every 2 s (`retry: 2000`)
+LEVEL = 'size-container__entry--level-'
+MARK = 'window.__sneakers23_no_reload'
+
+PHONE = {'width': 390, 'height': 844}
+LAPTOP = {'width': 1280, 'height': 800}
+
+
+@pytest.fixture(scope='module')
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f'{CHROMIUM} is missing (apt-get install chromium)')
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                             args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    """`open_page(node, viewport=None)`: a fresh shopper on the store page.
+
+    Waits until the page says it is live and marks the window, so a test
+    can tell later that the page was never reloaded. Uncaught JavaScript
+    errors fail the test.
+    """
+    contexts, errors = [], []
+
+    def open_(node, viewport=None):
+        context = browser.new_context(viewport=viewport or LAPTOP)
+        contexts.append(context)
+        context.route('**/static/app.js', lambda r: r.fulfill(path='/tmp/mut.js', content_type='text/javascript'))
+        page = context.new_page()
+        page.on('pageerror', lambda error: errors.append(error))
+        page.goto(node.url)
+        expect(page.locator('#connection')).to_have_attribute(
+            'data-state', 'live', timeout=LIVE)
+        page.evaluate(f'{MARK} = true')
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+    assert not errors, f'JavaScript errors on the page: {errors}'
+
+
+def card(page, product_id):
+    return page.locator(f'.product[data-product-id="{product_id}"]')
+
+
+def size_button(page, item_id):
+    return page.locator(f'.size-container__entry[value="{item_id}"]')
+
+
+def level_class(level):
+    """Matches the button's class attribute when it shows `level`."""
+    return re.compile(rf'(^|\s){re.escape(LEVEL + level)}(\s|$)')
+
+
+def product_of(node, product_id):
+    return next(p for p in node.products() if p['id'] == product_id)
+
+
+def expect_sizes(page, product, timeout=LIVE):
+    """The card shows one button per item, each at the item's level."""
+    entries = card(page, product['id']).locator('.size-container__entry')
+    expect(entries).to_have_count(len(product['items']), timeout=timeout)
+    for position, item in enumerate(product['items']):
+        button = entries.nth(position)
+        expect(button).to_have_attribute('value', str(item['id']))
+        expect(button).to_have_text(item['size'])
+        expect(button).to_have_class(level_class(item['level']))
+        if item['level'] == 'out':
+            expect(button).to_be_disabled()
+        else:
+            expect(button).to_be_enabled()
+    expect(card(page, product['id'])).not_to_contain_text(
+        'coming soon', ignore_case=True)
+
+
+def expect_out(page, item_id, timeout=LIVE):
+    button = size_button(page, item_id)
+    expect(button).to_have_class(level_class('out'), timeout=timeout)
+    expect(button).to_be_disabled()
+
+
+def expect_not_reloaded(page):
+    assert page.evaluate(MARK) is True, 'the page was reloaded'
+
+
+def buy_out(node, item_id):
+    """Buy every pair of an item, one new shopper (no cookie) per pair."""
+    count = node.item(item_id)['count']
+    assert 0 < count <= 50, 'pick an item with a small count'
+    jobs = [gevent.spawn(node.post, '/api/purchase', {'item_id': item_id})
+            for _ in range(count)]
+    gevent.joinall(jobs, raise_error=True)
+    assert [job.value[0] for job in jobs] == [201] * count
+    assert node.item(item_id)['count'] == 0
+
+
+def test_page_shows_every_product_and_goes_live(sqlite_node, open_page):
+    node = sqlite_node
+    node.release(2)
+    products = node.products()
+    page = open_page(node)
+    cards = page.locator('.product[data-product-id]')
+    expect(cards).to_have_count(len(products))
+    shown = [int(i) for i in page.eval_on_selector_all(
+        '.product[data-product-id]', 'els => els.map(e => e.dataset.productId)')]
+    assert shown == [p['id'] for p in products]
+    for product in products:
+        if product['released']:
+            expect_sizes(page, product)
+        else:
+            expect(card(page, product['id'])).to_contain_text(
+                'coming soon', ignore_case=True)
+            expect(card(page, product['id']).locator(
+                '.size-container__entry')).to_have_count(0)
+    assert sum(p['released'] for p in products) == 1
+    expect(page.locator('#connection')).to_have_attribute(
+        'data-state', 'live')
+    expect(page.locator('#connection')).to_contain_text(
+        'live', ignore_case=True)
+
+
+def test_release_shows_sizes_without_reload(sqlite_node, open_page):
+    node = sqlite_node
+    page = open_page(node)
+    expect(card(page, 3)).to_contain_text('coming soon', ignore_case=True)
+    node.release(3)
+    product = product_of(node, 3)
+    expect_sizes(page, product)
+    assert {i['level'] for i in product['items']} == {
+        'out', 'low', 'medium', 'high'}
+    expect(card(page, 4)).to_contain_text('coming soon', ignore_case=True)
+    expect_not_reloaded(page)
+
+
+def test_sold_out_size_turns_out_and_disabled(sqlite_node, open_page):
+    node = sqlite_node
+    node.release(5)
+    page = open_page(node)
+    item_id = 65                # size 12, 8 pairs: low
+    expect(size_button(page, item_id)).to_have_class(level_class('low'))
+    expect(size_button(page, item_id)).to_be_enabled()
+    buy_out(node, item_id)
+    expect_out(page, item_id)
+    expect(size_button(page, item_id)).not_to_have_class(
+        level_class('low'))
+    expect_sizes(page, product_of(node, 5))
+    expect_not_reloaded(page)
+
+
+def test_page_goes_offline_and_back_live_on_restart(sqlite_node,
+                                                    open_page):
+    node = sqlite_node
+    page = open_page(node)
+    connection = page.locator('#connection')
+    node.stop()
+    expect(connection).to_have_attribute('data-state', 'offline',
+                                         timeout=RECONNECT)
+    expect(connection).to_contain_text('offline', ignore_case=True)
+    node.start()
+    expect(connection).to_have_attribute('data-state', 'live',
+                                         timeout=RECONNECT)
+    expect(connection).not_to_contain_text('offline', ignore_case=True)
+    node.release(7)
+    expect_sizes(page, product_of(node, 7))
+    buy_out(node, 91)           # size 12 of product 7: a single pair
+    expect_out(page, 91)
+    expect_not_reloaded(page)
+
+
+def test_page_catches_up_on_what_it_missed(sqlite_node, open_page):
+    """Changes made while the page cannot reach the restarted node show
+    once it reconnects (the new epoch answers with a snapshot)."""
+    node = sqlite_node
+    node.release(5)
+    page = open_page(node)
+    connection = page.locator('#connection')
+    node.stop()
+    expect(connection).to_have_attribute('data-state', 'offline',
+                                         timeout=RECONNECT)
+    page.route('**/events*', lambda route: route.abort())
+    node.start()
+    node.release(3)
+    buy_out(node, 65)
+    expect(connection).to_have_attribute('data-state', 'offline')
+    expect(card(page, 3)).to_contain_text('coming soon', ignore_case=True)
+    page.unroute('**/events*')
+    expect(connection).to_have_attribute('data-state', 'live',
+                                         timeout=RECONNECT)
+    expect_sizes(page, product_of(node, 3))
+    expect_out(page, 65)
+    expect_sizes(page, product_of(node, 5))
+    node.release(4)             # and the stream is live again
+    expect_sizes(page, product_of(node, 4))
+    expect_not_reloaded(page)
+
+
+def test_buying_from_the_page(sqlite_node, open_page):
+    node = sqlite_node
+    node.release(2)
+    page = open_page(node)
+    product = product_of(node, 2)
+    first, second = product['items'][4], product['items'][5]
+    assert first['level'] != 'out' and second['level'] != 'out'
+    status = card(page, 2).locator('.product__status')
+    size_button(page, first['id']).click()
+    expect(status).to_contain_text('is yours')
+    expect(status).to_contain_text(first['size'])
+    assert node.item(first['id'])['count'] == first['count'] - 1
+    size_button(page, second['id']).click()
+    expect(status).to_contain_text('one pair per shopper')
+    expect(status).not_to_contain_text('is yours')
+    assert node.item(second['id'])['count'] == second['count']
+    assert node.item(first['id'])['count'] == first['count'] - 1
+    expect_not_reloaded(page)
+
+
+@pytest.mark.parametrize('viewport', [PHONE, LAPTOP],
+                         ids=['phone', 'laptop'])
+def test_no_horizontal_scroll(sqlite_node, open_page, viewport, tmp_path):
+    node = sqlite_node
+    node.release(1)
+    node.release(6)
+    page = open_page(node, viewport)
+    expect_sizes(page, product_of(node, 1))
+    page.wait_for_function('Array.from(document.images)'
+                           '.every(i => i.complete)')
+    width = page.evaluate('[document.documentElement.scrollWidth, '
+                          'window.innerWidth]')
+    assert width[0] <= width[1], f'horizontal scroll: {width}'
+    name = f'store-{viewport["width"]}x{viewport["height"]}.png'
+    page.screenshot(path=tmp_path / name, full_page=True)
+    assert (tmp_path / name).stat().st_size > 0
