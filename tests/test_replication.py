@@ -1,0 +1,183 @@
+"""Replication logic without sockets: messages, gaps, restarts, silence."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import zmq
+
+import sneakers23
+from sneakers23 import (
+    Config,
+    Inventory,
+    Peer,
+    Replicator,
+    decode_message,
+    encode_message,
+)
+
+
+@pytest.fixture
+def inventory():
+    inventory = Inventory()
+    product = SimpleNamespace(
+        id=1, sku='P1', brand='B', name='Shoe', color='c', price_cents=1,
+        image='x.svg', position=0, released=False, release_at=None)
+    items = [SimpleNamespace(id=10, sku='I10', size='9', count=200,
+                             version=1)]
+    inventory.load([(product, items)])
+    return inventory
+
+
+@pytest.fixture
+def replicator(inventory):
+    config = Config(node='a', replication='tcp://127.0.0.1:1',
+                    peers={'b': Peer('b', 'tcp://127.0.0.1:2')})
+    replicator = Replicator(config, inventory, store=None)
+    yield replicator
+    replicator.context.destroy(linger=0)
+
+
+def message(seq, kind='heartbeat', boot='boot1', node='b', **fields):
+    return decode_message(encode_message(node, boot, seq, kind, **fields))
+
+
+def resync_requested(replicator):
+    wanted = replicator._resync_wanted.is_set()
+    replicator._resync_wanted.clear()
+    return wanted
+
+
+def test_wire_format_is_two_frames():
+    frames = encode_message('a', 'x1', 7, 'availability', item_id=3,
+                            count=9, version=4)
+    assert frames[0] == b'inv'
+    assert json.loads(frames[1]) == {
+        'node': 'a', 'seq': 7, 'type': 'availability', 'boot': 'x1',
+        'item_id': 3, 'count': 9, 'version': 4}
+
+
+@pytest.mark.parametrize('frames', [
+    [b'inv'],
+    [b'other', b'{}'],
+    [b'inv', b'not json'],
+    [b'inv', b'[1]'],
+    [b'inv', b'{"node": "b", "seq": 1, "type": "explode"}'],
+    [b'inv', b'{"node": "b", "seq": "1", "type": "heartbeat"}'],
+    [b'inv', b'{"node": "b", "seq": 1, "type": "availability", '
+             b'"item_id": 3, "count": "9", "version": 1}'],
+    [b'inv', b'{"seq": 1, "type": "heartbeat"}'],
+])
+def test_malformed_messages_are_refused(frames):
+    with pytest.raises(ValueError):
+        decode_message(frames)
+
+
+def test_first_contact_reloads_then_in_order_messages_do_not(replicator):
+    state = replicator.peers['b']
+    replicator.receive(state, message(5))
+    assert resync_requested(replicator)  # joined: what came before is lost
+    replicator.receive(state, message(6))
+    replicator.receive(state, message(7))
+    assert not resync_requested(replicator)
+    assert state.last_seq == 7
+
+
+def test_a_gap_reloads(replicator):
+    state = replicator.peers['b']
+    replicator.receive(state, message(1))
+    resync_requested(replicator)
+    replicator.receive(state, message(4))
+    assert resync_requested(replicator)
+
+
+def test_a_heartbeat_ahead_of_what_arrived_reloads(replicator, inventory):
+    state = replicator.peers['b']
+    replicator.receive(state, message(1))
+    resync_requested(replicator)
+    replicator.receive(state, message(2, 'availability', item_id=10,
+                                      count=150, version=2))
+    replicator.receive(state, message(4))  # message 3 never came
+    assert resync_requested(replicator)
+    assert inventory.items[10].count == 150
+
+
+def test_a_restarted_peer_reloads(replicator):
+    state = replicator.peers['b']
+    replicator.receive(state, message(40))
+    resync_requested(replicator)
+    replicator.receive(state, message(1, boot='boot2'))
+    assert resync_requested(replicator)
+    assert state.boot == 'boot2' and state.last_seq == 1
+
+
+def test_a_silent_peer_reloads_when_silent_and_when_back(replicator):
+    state = replicator.peers['b']
+    replicator.receive(state, message(1))
+    resync_requested(replicator)
+    state.last_heard -= sneakers23.PEER_SILENT_AFTER + 1
+    watcher = sneakers23.gevent.spawn(replicator._watch_peers)
+    sneakers23.gevent.sleep(sneakers23.HEARTBEAT_INTERVAL / 2)
+    watcher.kill()
+    assert state.silent and resync_requested(replicator)
+    assert replicator.health()['b']['state'] == 'silent'
+    replicator.receive(state, message(2))
+    assert resync_requested(replicator)
+    assert replicator.health()['b']['state'] == 'connected'
+
+
+def test_messages_claiming_another_origin_are_refused(replicator):
+    with pytest.raises(ValueError):
+        replicator.receive(replicator.peers['b'], message(1, node='c'))
+
+
+def test_remote_changes_apply_when_newer_and_are_not_republished(
+        replicator, inventory):
+    sent = []
+    replicator.publish = lambda kind, **f: sent.append((kind, f))
+    inventory.listen(replicator.on_inventory)
+    state = replicator.peers['b']
+    replicator.receive(state, message(1, 'availability', item_id=10,
+                                      count=120, version=5))
+    replicator.receive(state, message(2, 'availability', item_id=10,
+                                      count=190, version=3))  # older
+    replicator.receive(state, message(3, 'released', product_id=1,
+                                      release_at='2026-11-26T10:00:00Z'))
+    assert inventory.items[10].count == 120
+    assert inventory.products[1].released
+    assert inventory.products[1].release_at.hour == 10
+    assert sent == []
+
+    inventory.item_changed(10, 119, 6)  # a local sale is published
+    assert sent == [('availability', {'item_id': 10, 'count': 119,
+                                      'version': 6})]
+
+
+def test_dropped_messages_still_use_a_seq(replicator):
+    replicator.config.drop_rate = 0.999999
+    replicator._pub = SimpleNamespace(send_multipart=lambda frames: None)
+    replicator.publish('availability', item_id=1, count=1, version=1)
+    replicator.publish('heartbeat')
+    assert (replicator.seq, replicator.dropped) == (2, 1)
+
+
+def test_curve_keys_must_match_peers_toml():
+    public, secret = (k.decode() for k in zmq.curve_keypair())
+    config = Config(node='b', public_key=public, curve_secret=secret)
+    assert sneakers23.curve_keys(config) == (public, secret)
+    other_public, other_secret = (k.decode() for k in zmq.curve_keypair())
+    for bad in ('', other_secret, 'too short'):
+        config.curve_secret = bad
+        with pytest.raises(sneakers23.ConfigError):
+            sneakers23.curve_keys(config)
+    assert sneakers23.curve_keys(Config()) is None
+
+
+def test_peers_toml_in_the_repo_describes_three_nodes():
+    fields = sneakers23.load_cluster(
+        f'{sneakers23.HERE}/peers.toml', 'b')
+    assert fields['port'] == 8024
+    assert sorted(fields['peers']) == ['a', 'c']
+    assert fields['replication'] == 'tcp://127.0.0.1:7024'
+    assert fields['db_url'] == (f'sqlite:///{sneakers23.HERE}/data/'
+                                'sneakers23.db')
