@@ -743,11 +743,20 @@ def size_html(product):
 
 
 def snapshot_of(products):
-    """The `snapshot` event body for `products`."""
-    return {'products': [
-        {'product_id': p.id, 'released': p.released,
-         'items': [{'id': i.id, 'level': i.level} for i in p.items]}
-        for p in products]}
+    """The `snapshot` event body for `products`.
+
+    Released products also carry `size_html`, so that a page which missed
+    the release can show the sizes from this one event.
+    """
+    return {'products': [_product_snapshot(p) for p in products]}
+
+
+def _product_snapshot(product):
+    entry = {'product_id': product.id, 'released': product.released,
+             'items': [{'id': i.id, 'level': i.level} for i in product.items]}
+    if product.released:
+        entry['size_html'] = size_html(product)
+    return entry
 
 
 class StreamState:
@@ -1394,6 +1403,7 @@ def _routes(app, node):
 
 
 def _page(node):
+    _shopper(node)  # a shopper is known before their first purchase
     bottle.response.set_header('Cache-Control', 'no-store')
     bottle.response.content_type = 'text/html; charset=utf-8'
     return node.page()

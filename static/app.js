@@ -41,44 +41,18 @@ function showSizes(productId, html) {
   setTimeout(() => product.classList.remove('product--just-released'), 2000);
 }
 
-function sizesFromApi(product) {
-  const buttons = product.items.map((item) => {
-    const b = document.createElement('button');
-    b.className = 'size-container__entry';
-    b.value = item.id;
-    b.textContent = item.size;
-    setLevel(b, item.level);
-    return b.outerHTML;
-  });
-  return '<div class="size-container">' +
-    '<p class="size-container__title">Pick your size</p>' +
-    `<div class="size-container__entries">${buttons.join('')}</div></div>`;
-}
-
-async function showReleasedFromApi(productIds) {
-  const response = await fetch('/api/products', {cache: 'no-store'});
-  if (!response.ok) return;
-  for (const product of await response.json()) {
-    if (productIds.has(product.id)) {
-      showSizes(product.id, sizesFromApi(product));
-    }
-  }
-}
-
 function applySnapshot(snapshot) {
-  const missing = new Set();
   for (const product of snapshot.products) {
     const el = card(product.product_id);
     if (!el) continue;
     if (product.released && el.dataset.released !== 'true') {
-      missing.add(product.product_id);
+      showSizes(product.product_id, product.size_html);
     }
     for (const item of product.items) {
       const button = sizeButton(item.id);
       if (button) setLevel(button, item.level);
     }
   }
-  if (missing.size) showReleasedFromApi(missing);
 }
 
 const HANDLERS = {
@@ -101,19 +75,33 @@ function setConnection(state) {
   document.body.classList.toggle('is-offline', state === 'offline');
 }
 
+let lastEventId = document.body.dataset.eventId || '';
+let reopenDelay = 1000;
+
+// The browser reconnects by itself (sending Last-Event-ID) after a network
+// error; after an answer that is not a stream (a proxy's 502, say) it gives
+// up, so then the page opens a new EventSource itself, backing off.
 function connect() {
-  const lastId = document.body.dataset.eventId || '';
-  const url = `/events?last_event_id=${encodeURIComponent(lastId)}`;
+  const url = `/events?last_event_id=${encodeURIComponent(lastEventId)}`;
   const source = new EventSource(url);
-  source.addEventListener('open', () => setConnection('live'));
-  source.addEventListener('error', () => setConnection('offline'));
+  source.addEventListener('open', () => {
+    reopenDelay = 1000;
+    setConnection('live');
+  });
+  source.addEventListener('error', () => {
+    setConnection('offline');
+    if (source.readyState === EventSource.CLOSED) {
+      setTimeout(connect, reopenDelay);
+      reopenDelay = Math.min(reopenDelay * 2, 30000);
+    }
+  });
   for (const [name, handle] of Object.entries(HANDLERS)) {
     source.addEventListener(name, (event) => {
+      lastEventId = event.lastEventId || lastEventId;
       setConnection('live');
       handle(JSON.parse(event.data));
     });
   }
-  return source;
 }
 
 function say(product, text, ok) {
@@ -135,6 +123,8 @@ function purchaseMessage(size, status, body) {
 async function buy(button) {
   const product = button.closest('.product');
   const size = button.textContent.trim();
+  if (product.dataset.buying === 'true') return;  // one purchase at a time
+  product.dataset.buying = 'true';
   button.classList.add('size-container__entry--busy');
   try {
     const response = await fetch('/api/purchase', {
@@ -147,6 +137,7 @@ async function buy(button) {
   } catch (error) {
     say(product, 'Could not reach the store. Check your connection.', false);
   } finally {
+    delete product.dataset.buying;
     button.classList.remove('size-container__entry--busy');
   }
 }

@@ -126,7 +126,8 @@ def test_page_shows_every_product_and_goes_live(sqlite_node, open_page):
     cards = page.locator('.product[data-product-id]')
     expect(cards).to_have_count(len(products))
     shown = [int(i) for i in page.eval_on_selector_all(
-        '.product[data-product-id]', 'els => els.map(e => e.dataset.productId)')]
+        '.product[data-product-id]',
+        'cards => cards.map(c => c.dataset.productId)')]
     assert shown == [p['id'] for p in products]
     for product in products:
         if product['released']:
@@ -236,6 +237,39 @@ def test_buying_from_the_page(sqlite_node, open_page):
     assert node.item(second['id'])['count'] == second['count']
     assert node.item(first['id'])['count'] == first['count'] - 1
     expect_not_reloaded(page)
+
+
+def test_double_click_buys_one_pair_and_says_so(sqlite_node, open_page):
+    """A shopper who double-clicks a size gets one pair and is told so."""
+    node = sqlite_node
+    node.release(2)
+    page = open_page(node)
+    item = product_of(node, 2)['items'][4]
+    pending, answers = set(), []
+
+    def sent(request):
+        if request.url.endswith('/api/purchase'):
+            pending.add(request)
+
+    def done(request):
+        if request in pending:
+            pending.discard(request)
+            answers.append(request)
+
+    page.on('request', sent)
+    page.on('requestfinished', done)
+    page.on('requestfailed', done)
+    size_button(page, item['id']).dblclick()
+    status = card(page, 2).locator('.product__status')
+    expect(status).not_to_have_text('')
+    for _ in range(100):        # until every purchase request answered
+        if answers and not pending:
+            break
+        page.wait_for_timeout(50)
+    assert answers and not pending
+    assert node.item(item['id'])['count'] == item['count'] - 1
+    expect(status).to_contain_text('yours')
+    expect(status).not_to_contain_text('not yours')
 
 
 @pytest.mark.parametrize('viewport', [PHONE, LAPTOP],
