@@ -1580,7 +1580,9 @@ def serve_config(args):
     fields['admin_token'] = env.get('SNEAKERS23_ADMIN_TOKEN', '')
     fields['curve_secret'] = env.get('SNEAKERS23_CURVE_SECRET', '')
     fields['drop_rate'] = _drop_rate(env.get('SNEAKERS23_TEST_DROP_RATE'))
-    return Config(**fields)
+    config = Config(**fields)
+    curve_keys(config)  # a wrong key stops the node before it does anything
+    return config
 
 
 def _drop_rate(text):

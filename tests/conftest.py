@@ -105,14 +105,13 @@ class NodeProcess:
         self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT,
                                      stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + timeout
-        for line in self.proc.stdout:
-            self.output.append(line)
-            if 'serving on' in line:
-                gevent.spawn(self._drain)
-                return self
-            if time.monotonic() > deadline:
-                break
+        with gevent.Timeout(timeout, False):
+            for line in self.proc.stdout:
+                self.output.append(line)
+                if 'serving on' in line:
+                    gevent.spawn(self._drain)
+                    return self
+        self.stop()
         raise RuntimeError(f'node did not start: {"".join(self.output)}')
 
     def _drain(self):
@@ -122,6 +121,7 @@ class NodeProcess:
     def stop(self, sig=signal.SIGTERM):
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
+            self.proc.send_signal(signal.SIGCONT)  # in case it was paused
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:

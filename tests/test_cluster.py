@@ -1,0 +1,519 @@
+"""A cluster of three real nodes sharing one database, and its faults.
+
+Every test writes a `peers.toml` for nodes a, b and c (free HTTP and
+replication ports on loopback), seeds the database first so the nodes do
+not race to seed it, then starts three `sneakers23.py serve --config ...
+--node NAME` processes. "Equal" means every node's `/api/products`
+(released flags and every item's count) matches what the database holds.
+Timings are printed as `[timing] ...` lines (run pytest with -s).
+"""
+
+import http.client
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import gevent
+import gevent.event
+import pytest
+import zmq
+from conftest import ROOT, TOKEN, NodeProcess, call, db_rows, free_port
+
+import sneakers23
+
+NAMES = ('a', 'b', 'c')
+CONVERGE = 2.0          # the contract: equal within 2 s of a fault healing
+SCRIPT = os.path.join(ROOT, 'sneakers23.py')
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+def timing(label, seconds):
+    print(f'\n[timing] {label}: {seconds * 1000:.0f} ms', flush=True)
+
+
+def seed_database(url):
+    """Create and seed the tables once, before any node starts."""
+    database = sneakers23.open_database(url)
+    sneakers23.db.initialize(database)
+    try:
+        with database.connection_context():
+            assert sneakers23.seed(sneakers23.CATALOG_PATH) > 0
+    finally:
+        if hasattr(database, 'close_all'):
+            database.close_all()
+
+
+def db_truth(db_url):
+    """(released by product id, count by item id) as the database says."""
+    released = {pid: bool(flag) for pid, flag in
+                db_rows(db_url, 'SELECT id, released FROM product')}
+    counts = dict(db_rows(db_url, 'SELECT item_id, count FROM availability'))
+    return released, counts
+
+
+def node_view(node):
+    """(released by product id, count by item id) as a node serves it."""
+    products = node.products()
+    return ({p['id']: p['released'] for p in products},
+            {i['id']: i['count'] for p in products for i in p['items']})
+
+
+def differences(view, truth):
+    """What a node shows that the database does not: short, for errors."""
+    (released, counts), (db_released, db_counts) = view, truth
+    wrong = {f'product {k}': (v, db_released.get(k))
+             for k, v in released.items() if db_released.get(k) != v}
+    wrong.update({f'item {k}': (v, db_counts.get(k))
+                  for k, v in counts.items() if db_counts.get(k) != v})
+    if released.keys() != db_released.keys() or (
+            counts.keys() != db_counts.keys()):
+        wrong['ids'] = 'a node and the database hold different ids'
+    return wrong
+
+
+def wait_equal(nodes, db_url, since=None, timeout=CONVERGE):
+    """Poll until every node equals the database; seconds since `since`."""
+    since = time.monotonic() if since is None else since
+    while True:
+        truth = db_truth(db_url)
+        wrong = {node.name: differences(node_view(node), truth)
+                 for node in nodes}
+        wrong = {name: diff for name, diff in wrong.items() if diff}
+        elapsed = time.monotonic() - since
+        if not wrong:
+            return elapsed
+        if elapsed > timeout:
+            raise AssertionError(f'not equal to the database {elapsed:.2f}s '
+                                 f'after the fault healed: {wrong}')
+        gevent.sleep(0.05)
+
+
+def health(node):
+    status, _, answer = node.get('/healthz')
+    assert status == 200, answer
+    return answer
+
+
+def wait_until(check, timeout, what, interval=0.02):
+    """Poll `check()` until it is truthy; its value, or AssertionError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f'{what} within {timeout}s')
+        gevent.sleep(interval)
+
+
+def buy(node, item_id, cookie=None):
+    """One purchase as a new shopper (or as the shopper of `cookie`)."""
+    headers = {'Cookie': cookie} if cookie else {}
+    return call(node.url, 'POST', '/api/purchase', {'item_id': item_id},
+                headers=headers)
+
+
+def unreleased(node):
+    """Ids of the products a node shows as not released, by position."""
+    return [p['id'] for p in node.products() if not p['released']]
+
+
+def items_of(node, product_id):
+    product = next(p for p in node.products() if p['id'] == product_id)
+    return product['items']
+
+
+def orders_by_item(db_url):
+    return dict(db_rows(db_url, 'SELECT item_id, COUNT(*) FROM orders '
+                                'GROUP BY item_id'))
+
+
+def release_and_converge(node, cluster, product_id):
+    """Release on `node`, then wait until every node shows it."""
+    node.release(product_id)
+    wait_until(lambda: all(
+        next(p for p in n.products() if p['id'] == product_id)['released']
+        for n in cluster.nodes.values()), 3, f'product {product_id} '
+        'released everywhere')
+
+
+class Cluster:
+    """Three nodes a, b, c of one `peers.toml` on one database."""
+
+    def __init__(self, tmp_path, db_url, public_keys=None):
+        self.tmp_path, self.db_url = tmp_path, db_url
+        self.http = {name: free_port() for name in NAMES}
+        self.replication = {name: f'tcp://127.0.0.1:{free_port()}'
+                            for name in NAMES}
+        self.public_keys = public_keys
+        self.config = self.write_config(tmp_path / 'peers.toml',
+                                        public_keys)
+        self.nodes = {}
+        self.processes = []     # everything started, stopped at the end
+
+    def write_config(self, path, public_keys=None):
+        lines = [f'database = {json.dumps(self.db_url)}', '']
+        for name in NAMES:
+            lines += [f'[nodes.{name}]',
+                      f'http = "127.0.0.1:{self.http[name]}"',
+                      f'replication = "{self.replication[name]}"']
+            if public_keys:
+                lines.append(f'public_key = "{public_keys[name]}"')
+            lines.append('')
+        path.write_text('\n'.join(lines))
+        return path
+
+    def process(self, name, config=None, db_url=None, port=None, env=None):
+        """A node process of this cluster (not started yet)."""
+        node = NodeProcess(db_url or self.db_url,
+                           port=port or self.http[name],
+                           args=['--config', str(config or self.config),
+                                 '--node', name], env=env)
+        node.name = name
+        self.processes.append(node)
+        return node
+
+    def start(self, env=None, wait=True):
+        """Start a, b and c at once; wait until every peer is heard."""
+        env = env or {}
+        self.nodes = {name: self.process(name, env=env.get(name))
+                      for name in NAMES}
+        jobs = [gevent.spawn(node.start) for node in self.nodes.values()]
+        gevent.joinall(jobs, raise_error=True)
+        if wait:
+            return self.wait_connected()
+        return None
+
+    def all_connected(self):
+        for name, node in self.nodes.items():
+            peers = health(node)['peers']
+            if set(peers) != set(NAMES) - {name} or any(
+                    p['state'] != 'connected' for p in peers.values()):
+                return False
+        return True
+
+    def wait_connected(self, timeout=6):
+        began = time.monotonic()
+        wait_until(self.all_connected, timeout,
+                   'every node hears its two peers', interval=0.05)
+        return time.monotonic() - began
+
+    def close(self):
+        for node in self.processes:
+            if node.proc and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGCONT)   # if paused
+            node.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path, db_url):
+    """A seeded database and its peers.toml; nodes start in the test."""
+    seed_database(db_url)
+    group = Cluster(tmp_path, db_url)
+    yield group
+    group.close()
+
+
+# ---------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------
+
+def test_every_node_hears_its_two_peers(cluster):
+    cluster.start(wait=False)
+    elapsed = cluster.wait_connected(timeout=3)
+    timing(f'{cluster.db_url[:6]} all peers connected after start',
+           elapsed)
+    for name, node in cluster.nodes.items():
+        answer = health(node)
+        assert answer['node'] == name
+        assert set(answer['peers']) == set(NAMES) - {name}
+        for peer, state in answer['peers'].items():
+            assert state['state'] == 'connected', (name, peer, state)
+            assert state['address'] == cluster.replication[peer]
+            assert isinstance(state['last_seq'], int)
+    wait_equal(cluster.nodes.values(), cluster.db_url)
+
+
+def test_release_on_c_reaches_sse_client_of_a_within_1s(cluster, sse):
+    cluster.start()
+    a, c = cluster.nodes['a'], cluster.nodes['c']
+    product_id = unreleased(a)[0]
+    client = sse(a.url)
+
+    c.release(product_id)
+    answered = time.monotonic()
+    [event] = client.wait_for('released', timeout=1.0,
+                              where=lambda d: d['product_id'] == product_id)
+    elapsed = time.monotonic() - answered
+
+    timing(f'{cluster.db_url[:6]} release c -> SSE of a', elapsed)
+    assert elapsed < 1.0
+    assert event['data']['items'] and 'size_html' in event['data']
+    wait_equal(cluster.nodes.values(), cluster.db_url)
+
+
+def test_storm_over_three_nodes_sells_exactly_the_stock(cluster, sse):
+    cluster.start()
+    nodes = [cluster.nodes[name] for name in NAMES]
+    a = nodes[0]
+    product_id = unreleased(a)[0]
+    release_and_converge(a, cluster, product_id)
+    candidates = [i for i in items_of(a, product_id)
+                  if 20 <= i['count'] <= 150]
+    item = min(candidates, key=lambda i: abs(i['count'] - 60))
+    stock, item_id = item['count'], item['id']
+    buyers = max(210, 3 * stock)
+    client = sse(a.url)
+
+    jobs = [gevent.spawn(buy, nodes[n % 3], item_id) for n in range(buyers)]
+    gevent.joinall(jobs, raise_error=True)
+    storm_over = time.monotonic()
+
+    answers = [job.value for job in jobs]
+    statuses = Counter(status for status, _, _ in answers)
+    assert statuses == {201: stock, 409: buyers - stock}, statuses
+    assert {body['error'] for status, _, body in answers
+            if status == 409} == {'sold_out'}
+    [[orders]] = db_rows(cluster.db_url, 'SELECT COUNT(*) FROM orders '
+                         'WHERE item_id = ?', (item_id,))
+    assert orders == stock
+    [[count]] = db_rows(cluster.db_url, 'SELECT count FROM availability '
+                        'WHERE item_id = ?', (item_id,))
+    assert count == 0
+    elapsed = wait_equal(nodes, cluster.db_url, since=storm_over)
+    client.wait_for('stock_change', timeout=CONVERGE, where=lambda d: (
+        d['item_id'] == item_id and d['level'] == 'out'))
+    by_node = dict(db_rows(cluster.db_url, 'SELECT node, COUNT(*) FROM '
+                           'orders GROUP BY node'))
+    timing(f'{cluster.db_url[:6]} storm of {buyers} on {stock} pairs, '
+           f'sold by {by_node}: equal after', elapsed)
+
+
+def test_node_killed_mid_sale_and_restarted_converges(cluster):
+    cluster.start()
+    a, b, c = (cluster.nodes[name] for name in NAMES)
+    product_id = unreleased(a)[0]
+    release_and_converge(a, cluster, product_id)
+    stock = db_truth(cluster.db_url)[1]
+    items = [i['id'] for i in items_of(a, product_id) if i['count'] > 0]
+    sold = {name: [] for name in NAMES}
+    failed = Counter()
+    stop = gevent.event.Event()
+
+    def shopper(node):
+        while not stop.is_set():
+            try:
+                status, _, answer = buy(node, random.choice(items))
+            except (OSError, http.client.HTTPException):
+                failed[node.name] += 1
+                gevent.sleep(0.02)
+                continue
+            assert status in (201, 409), (status, answer)
+            if status == 201:
+                sold[node.name].append(answer['order_id'])
+
+    jobs = [gevent.spawn(shopper, node) for node in (a, b, c)
+            for _ in range(4)]
+    try:
+        wait_until(lambda: len(sold['b']) >= 20, 10, 'b sold 20 pairs')
+        b.stop(signal.SIGKILL)
+        after_kill = {name: len(sold[name]) for name in 'ac'}
+        wait_until(lambda: all(len(sold[n]) >= after_kill[n] + 10
+                               for n in 'ac'), 10,
+                   'a and c sold on while b was dead')
+    finally:
+        stop.set()
+        gevent.joinall(jobs, raise_error=True)
+
+    b.start()
+    restarted = time.monotonic()
+    elapsed = wait_equal([a, b, c], cluster.db_url, since=restarted)
+    total = sum(map(len, sold.values()))
+    timing(f'{cluster.db_url[:6]} SIGKILL b mid-sale ({total} sold, '
+           f'{failed["b"]} failed on b): equal after restart', elapsed)
+
+    # No oversell and no 201 without its order: count + orders = stock.
+    orders = orders_by_item(cluster.db_url)
+    counts = db_truth(cluster.db_url)[1]
+    for item_id, put_in in stock.items():
+        assert counts[item_id] + orders.get(item_id, 0) == put_in, item_id
+    order_ids = {row[0] for row in db_rows(cluster.db_url,
+                                           'SELECT id FROM orders')}
+    answered = {i for ids in sold.values() for i in ids}
+    assert answered <= order_ids
+    assert len(answered) == sum(map(len, sold.values()))
+
+
+def test_paused_node_catches_up_after_sigcont(cluster, sse):
+    cluster.start()
+    a, b, c = (cluster.nodes[name] for name in NAMES)
+    first, second = unreleased(a)[:2]
+    release_and_converge(c, cluster, first)
+    items = [i['id'] for i in items_of(a, first) if i['count'] >= 20]
+    client = sse(a.url)
+
+    a.proc.send_signal(signal.SIGSTOP)
+    paused = time.monotonic()
+    try:
+        answers = []
+        for node in (b, c):
+            jobs = [gevent.spawn(buy, node, items[n % len(items)])
+                    for n in range(15)]
+            gevent.joinall(jobs, raise_error=True)
+            answers += [job.value[0] for job in jobs]
+        b.release(second)
+        assert answers == [201] * 30
+        gevent.sleep(max(0.0, paused + 3.0 - time.monotonic()))
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    resumed = time.monotonic()
+
+    elapsed = wait_equal([a, b, c], cluster.db_url, since=resumed)
+    timing(f'{cluster.db_url[:6]} SIGSTOP a 3 s: equal after SIGCONT',
+           elapsed)
+    sees_release(client, a.url, second, timeout=CONVERGE, sse=sse)
+
+
+def sees_release(client, url, product_id, timeout, sse):
+    """`client` ends up showing `product_id` released: by its `released`
+    event, or (after reconnecting like a browser) by a snapshot."""
+    def shown():
+        nonlocal client
+        if any(e['data']['product_id'] == product_id
+               for e in client.named('released')):
+            return True
+        for event in client.named('snapshot'):
+            for product in event['data']['products']:
+                if product['product_id'] == product_id:
+                    return product['released']
+        if client._reader.dead:     # the stream ended: come back
+            last = [e['id'] for e in client.events if 'id' in e]
+            client = sse(url, headers={'Last-Event-ID': last[-1]}
+                         if last else {})
+        return False
+    wait_until(shown, timeout, f'the SSE client sees {product_id} released')
+
+
+def test_lost_messages_are_recovered_through_heartbeats(cluster):
+    cluster.start(env={'a': {'SNEAKERS23_LOG': 'INFO'},
+                       'b': {'SNEAKERS23_TEST_DROP_RATE': '0.5'}})
+    a, b, c = (cluster.nodes[name] for name in NAMES)
+    first, second = unreleased(b)[:2]
+    b.release(first)
+    items = [i['id'] for i in items_of(b, first) if i['count'] >= 10]
+    answers = []
+    for batch in range(6):
+        jobs = [gevent.spawn(buy, b, items[(batch + n) % len(items)])
+                for n in range(6)]
+        gevent.joinall(jobs, raise_error=True)
+        answers += [job.value[0] for job in jobs]
+    b.release(second)
+    last_sale = time.monotonic()
+    assert answers == [201] * 36
+
+    elapsed = wait_equal([a, b, c], cluster.db_url, since=last_sale)
+    timing(f'{cluster.db_url[:6]} drop rate 0.5 on b, 36 sales + 2 '
+           'releases: equal after the last', elapsed)
+    peer = health(a)['peers']['b']
+    assert peer['state'] == 'connected'
+    assert isinstance(peer['last_seq'], int)
+    assert peer['last_seq'] > peer['messages'], peer   # some were lost
+    assert 'from b lost' in ''.join(a.output)   # a saw the gap
+
+
+def test_curve_cluster_refuses_a_rogue_node(tmp_path, sqlite_url, sse):
+    seed_database(sqlite_url)
+    keys = {name: tuple(k.decode() for k in zmq.curve_keypair())
+            for name in NAMES}
+    cluster = Cluster(tmp_path, sqlite_url,
+                      {name: pair[0] for name, pair in keys.items()})
+    try:
+        curve_cluster_refuses_a_rogue_node(cluster, keys, sse)
+    finally:
+        cluster.close()
+
+
+def curve_cluster_refuses_a_rogue_node(cluster, keys, sse):
+    # A node whose secret is not its public key's: one line, exit code 2.
+    wrong = subprocess.run(
+        [sys.executable, SCRIPT, 'serve', '--config', str(cluster.config),
+         '--node', 'a', '--port', str(free_port())],
+        env={**os.environ, 'SNEAKERS23_ADMIN_TOKEN': TOKEN,
+             'SNEAKERS23_CURVE_SECRET': keys['b'][1]},
+        capture_output=True, text=True, timeout=20, cwd=ROOT)
+    assert wrong.returncode == 2, wrong
+    assert len(wrong.stderr.splitlines()) == 1, wrong.stderr
+    assert 'SNEAKERS23_CURVE_SECRET' in wrong.stderr
+
+    env = {name: {'SNEAKERS23_CURVE_SECRET': keys[name][1],
+                  'SNEAKERS23_LOG': 'INFO'} for name in NAMES}
+    cluster.start(env)
+    a, b, c = (cluster.nodes[name] for name in NAMES)
+    first, second, third = unreleased(a)[:3]
+    client_a = sse(a.url)
+    c.release(first)
+    answered = time.monotonic()
+    client_a.wait_for('released', timeout=1.0,
+                      where=lambda d: d['product_id'] == first)
+    timing('sqlite CURVE release c -> SSE of a', time.monotonic() - answered)
+    wait_until(lambda: all(p['released'] for p in b.products()
+                           if p['id'] == first), 2, 'b sees the release')
+    item = next(i for i in items_of(b, first) if i['count'] > 0)
+    status, _, _ = buy(b, item['id'])
+    assert status == 201
+    sold = time.monotonic()
+    wait_until(lambda: a.item(item['id'])['count'] == item['count'] - 1,
+               CONVERGE, 'a sees the sale on b')
+    timing('sqlite CURVE sale on b -> a', time.monotonic() - sold)
+    wait_equal([a, b, c], cluster.db_url)
+
+    # A rogue takes c's place with its own key: a and b must ignore it.
+    rogue_public, rogue_secret = (k.decode() for k in zmq.curve_keypair())
+    rogue_config = cluster.write_config(
+        cluster.tmp_path / 'rogue.toml',
+        {**cluster.public_keys, 'c': rogue_public})
+    rogue_db = f'sqlite:///{cluster.tmp_path}/rogue.db'
+    seed_database(rogue_db)
+    client_b = sse(b.url)
+    before = {'a': a.products(), 'b': b.products()}
+    c.stop()
+    rogue = cluster.process('c', config=rogue_config, db_url=rogue_db,
+                            port=free_port(),
+                            env={'SNEAKERS23_CURVE_SECRET': rogue_secret,
+                                 'SNEAKERS23_LOG': 'INFO'})
+    rogue.start()
+    rogue.release(second)
+    rogue_item = next(i for i in items_of(rogue, second) if i['count'] > 0)
+    status, _, _ = buy(rogue, rogue_item['id'])
+    assert status == 201
+    rogue.release(third)
+    acted = time.monotonic()
+
+    def logged(text):
+        return any(text in line for node in (a, b) for line in node.output)
+    # a and b refuse the rogue's key as a subscriber (ZAP), and refuse
+    # the rogue as c's publisher (its server key is not c's).
+    wait_until(lambda: logged('refused 127.0.0.1 with a key not in')
+               and logged('refused c at'), 2,
+               'a or b logs that it refused the rogue both ways')
+    gevent.sleep(max(0.0, acted + 2.0 - time.monotonic()))
+    assert {'a': a.products(), 'b': b.products()} == before
+    # ... and may not even listen to them (ZAP refuses its key).
+    rogue_peers = health(rogue)['peers']
+    assert {rogue_peers[name]['state'] for name in 'ab'} == {'never'}
+    for client in (client_a, client_b):
+        assert not [e for e in client.named('released')
+                    if e['data']['product_id'] in (second, third)]
+        assert not [e for e in client.named('stock_change')
+                    if e['data']['item_id'] == rogue_item['id']]
+    refused = [line.strip() for node in (a, b) for line in node.output
+               if 'refused' in line]
+    print('\n[log] ' + '\n[log] '.join(refused), flush=True)
