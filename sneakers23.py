@@ -402,16 +402,24 @@ def _place_order(p, node):
 
 
 def catalogue_rows():
-    """Every product with its items and counts, in display order."""
+    """Every product (in display order) with its items' rows.
+
+    An item row is (id, product_id, sku, size, count, version): plain
+    tuples, so that a catalogue of 130,000 items loads in a blink.
+    """
     items = (Item
-             .select(Item, Availability)
+             .select(Item.id, Item.product, Item.sku, Item.size,
+                     Availability.count, Availability.version)
              .join(Availability)
              .order_by(Item.product, Item.id)
-             .objects())
+             .tuples())
     by_product = {}
-    for item in items:
-        by_product.setdefault(item.product_id, []).append(item)
-    products = Product.select().order_by(Product.position, Product.id)
+    for row in items:
+        by_product.setdefault(row[1], []).append(row)
+    products = (Product
+                .select()
+                .order_by(Product.position, Product.id)
+                .namedtuples())
     return [(p, by_product.get(p.id, [])) for p in products]
 
 
@@ -459,10 +467,17 @@ def _seed_product(position, entry):
         color=entry['color'], price_cents=entry['price_cents'],
         image=entry['image'], position=position,
         released=entry.get('released', False))
-    for size in SIZES:
-        item = Item.create(product=product, size=size,
-                           sku=f"{entry['sku']}-{size}")
-        Availability.create(item=item, count=int(stock.get(size, 0)))
+    items = (Item
+             .insert_many([{'product': product, 'size': size,
+                            'sku': f"{entry['sku']}-{size}"}
+                           for size in SIZES])
+             .returning(Item.id, Item.size)
+             .tuples()
+             .execute())
+    (Availability
+     .insert_many([{'item': item_id, 'count': int(stock.get(size, 0))}
+                   for item_id, size in items])
+     .execute())
 
 
 # ---------------------------------------------------------------------------
@@ -533,8 +548,7 @@ class Inventory:
         """Replace everything with `catalogue_rows()` output."""
         products, items = {}, {}
         for row, item_rows in rows:
-            states = [ItemState(i.id, row.id, i.sku, i.size, i.count,
-                                i.version) for i in item_rows]
+            states = [ItemState(*item) for item in item_rows]
             products[row.id] = ProductState(row, states)
             items.update((s.id, s) for s in states)
         self.products, self.items = products, items

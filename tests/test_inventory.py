@@ -15,17 +15,16 @@ def row(id, released=False):
         release_at=None)
 
 
-def item_row(id, count, version=1):
-    return SimpleNamespace(id=id, sku=f'I{id}', size='9', count=count,
-                           version=version)
+def item_row(id, product_id, count, version=1):
+    return (id, product_id, f'I{id}', '9', count, version)
 
 
 @pytest.fixture
 def inventory():
     inventory = Inventory()
     inventory.load([(row(1, released=True),
-                     [item_row(10, 150), item_row(11, 0)]),
-                    (row(2), [item_row(20, 700)])])
+                     [item_row(10, 1, 150), item_row(11, 1, 0)]),
+                    (row(2), [item_row(20, 2, 700)])])
     return inventory
 
 

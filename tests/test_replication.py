@@ -23,8 +23,7 @@ def inventory():
     product = SimpleNamespace(
         id=1, sku='P1', brand='B', name='Shoe', color='c', price_cents=1,
         image='x.svg', position=0, released=False, release_at=None)
-    items = [SimpleNamespace(id=10, sku='I10', size='9', count=200,
-                             version=1)]
+    items = [(10, 1, 'I10', '9', 200, 1)]
     inventory.load([(product, items)])
     return inventory
 
