@@ -45,7 +45,11 @@ def parse_chunk(chunk):
 
 
 def fake_inventory():
-    """Two products of four items at 0, 149, 150 and 500 pairs."""
+    """Two products of four items at 0, 149, 150 and 500 pairs.
+
+    Loaded the way `Store.load` does it, from `catalogue_rows()`-shaped
+    rows: a product row and (id, product_id, sku, size, count, version).
+    """
     inventory = sneakers23.Inventory()
     rows, item_id = [], 0
     for product_id in (1, 2):
@@ -57,12 +61,30 @@ def fake_inventory():
         for size, count in (('9', 0), ('10', 149), ('11', 150),
                             ('12', 500)):
             item_id += 1
-            items.append(SimpleNamespace(
-                id=item_id, sku=f'P{product_id}-{size}', size=size,
-                count=count, version=1))
+            items.append((item_id, product_id, f'P{product_id}-{size}',
+                          size, count, 1))
         rows.append((row, items))
     inventory.load(rows)
     return inventory
+
+
+def snapshot_core(data):
+    """A snapshot body without the optional `size_html` of products.
+
+    The contract's snapshot entry is {product_id, released, items}; a
+    released product may also carry its `size_html` (then it must have
+    one size button per item, and only released products have it).
+    """
+    core = []
+    for entry in data['products']:
+        html = entry.get('size_html')
+        if html is not None:
+            assert entry['released'], entry
+            assert html.count('size-container__entry ') == len(
+                entry['items'])
+        core.append({k: entry[k] for k in ('product_id', 'released',
+                                           'items')})
+    return {'products': core}
 
 
 def first_chunk(hub, products=None, last_event_id=None):
@@ -134,10 +156,23 @@ def seq_of(event_id):
     return int(seq)
 
 
-def close_client(client):
-    """Really close an SSEClient's connection (see the report)."""
-    client.close()
-    client.response.close()
+def raw_get(node, path, header=b''):
+    """Status and head of the answer to a hand-written GET (raw bytes)."""
+    with socket.create_connection(('127.0.0.1', node.port)) as sock:
+        sock.settimeout(3)
+        sock.sendall(b'GET ' + path.encode() + b' HTTP/1.1\r\nHost: x\r\n'
+                     + header + b'\r\n')
+        data = b''
+        deadline = time.monotonic() + 3
+        while b'\r\n\r\n' not in data or (
+                data.startswith(b'HTTP/1.1 200') and b'event: ' not in data):
+            if time.monotonic() > deadline:
+                break
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b' ', 2)[1]), data
 
 
 def summary(events):
@@ -257,7 +292,10 @@ def test_stream_replays_events_missed_after_a_known_id():
 
 @pytest.mark.parametrize('last_id', [
     'zzz-5', 'garbage', '-', '{epoch}-', '{epoch}-x1', '{epoch}--1',
-    '{epoch}-999', 'zzz-1-2'])
+    '{epoch}-999', 'zzz-1-2',
+    pytest.param('{epoch}-\u00b2', marks=pytest.mark.xfail(
+        strict=True, raises=ValueError,
+        reason='bug: "²".isdigit() but int("²") raises'))])
 def test_stream_sends_snapshot_for_an_unusable_last_event_id(last_id):
     hub = sneakers23.EventHub(fake_inventory(), buffer_size=8)
     publish_n(hub, 3)
@@ -266,7 +304,7 @@ def test_stream_sends_snapshot_for_an_unusable_last_event_id(last_id):
     assert retry > 0 and len(events) == 1
     event_id, name, data = events[0]
     assert (event_id, name) == (hub.last_event_id, 'snapshot')
-    assert data == {'products': [
+    assert snapshot_core(data) == {'products': [
         {'product_id': 1, 'released': True, 'items': [
             {'id': 1, 'level': 'out'}, {'id': 2, 'level': 'low'},
             {'id': 3, 'level': 'medium'}, {'id': 4, 'level': 'high'}]},
@@ -390,7 +428,7 @@ def test_hub_cuts_off_a_real_socket_that_never_reads():
             range(1, 201))
     finally:
         if reader:
-            close_client(reader)
+            reader.close()
         dead.close()
         server.stop(timeout=1)
         hub.stop()
@@ -560,7 +598,7 @@ def test_reconnect_with_last_event_id_replays_missed_events(sqlite_node,
     raise_to(node, low_item(node, 1), 150)
     leaver.wait_for('stock_change')
     last_seen = leaver.events[-1]['id']
-    close_client(leaver)
+    leaver.close()
     # missed while away
     node.release(2)
     raise_to(node, low_item(node, 2), 150)
@@ -584,6 +622,24 @@ def test_reconnect_with_last_event_id_replays_missed_events(sqlite_node,
         assert seq_of(event['id']) == seq_of(missed[-1]['id']) + 1
 
 
+@pytest.mark.parametrize('raw_id', [
+    pytest.param(b'\xb2', marks=pytest.mark.xfail(
+        strict=True, reason='bug: bottle get_header() decodes as UTF-8 '
+        'and raises UnicodeDecodeError -> 500')),
+    pytest.param(b'\xc2\xb2', marks=pytest.mark.xfail(
+        strict=True, reason='bug: "²".isdigit() but int("²") raises '
+        'in EventHub._resume_cursor -> 500')),
+    b'zzz'])
+def test_odd_bytes_in_last_event_id_get_a_snapshot(sqlite_node, raw_id):
+    """No input may produce a 500: an unusable id means a snapshot."""
+    epoch = sqlite_node.get('/healthz')[2]['event_id'].rpartition('-')[0]
+    status, data = raw_get(sqlite_node, '/events',
+                           b'Last-Event-ID: ' + epoch.encode() + b'-'
+                           + raw_id + b'\r\n')
+    assert status == 200, data
+    assert b'event: snapshot' in data, data
+
+
 def test_reconnect_with_unknown_id_gets_snapshot(sqlite_node, sse):
     node = sqlite_node
     node.release(1)
@@ -600,11 +656,11 @@ def test_reconnect_with_unknown_id_gets_snapshot(sqlite_node, sse):
         client = sse(node.url, headers={'Last-Event-ID': last_id})
         [event] = client.wait_for('snapshot', timeout=2)
         assert event['id'] == health['event_id']
-        assert event['data'] == {'products': expected}
+        assert snapshot_core(event['data']) == {'products': expected}
         assert client.raw[0].startswith('retry: ')
     only_two = sse(node.url, '/events?products=2&last_event_id=zzz-5')
     [event] = only_two.wait_for('snapshot', timeout=2)
-    assert event['data'] == {'products': [expected[1]]}
+    assert snapshot_core(event['data']) == {'products': [expected[1]]}
     assert expected[1]['product_id'] == 2
 
 
@@ -664,7 +720,7 @@ def test_disconnected_client_is_removed(sqlite_node, sse):
     assert streams(node) == 0
     stayer, leaver = sse(node.url), sse(node.url)
     wait_until(lambda: streams(node) == 2, 2, 'two streams open')
-    close_client(leaver)
+    leaver.close()
     item_id = low_item(node, 1)['id']
 
     def gone():
