@@ -15,6 +15,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import _socket
 import argparse
 import hashlib
 import hmac
@@ -26,6 +27,7 @@ import os
 import random
 import secrets
 import signal
+import socket
 import sys
 import time
 import tomllib
@@ -42,7 +44,7 @@ import gevent.pool
 import gevent.queue
 import gevent.threadpool
 import zmq.green as zmq
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from peewee import (
     BooleanField,
     CharField,
@@ -90,7 +92,9 @@ PG_POOL_SIZE = 4
 SSE_RETRY_MS = 2000
 SSE_KEEPALIVE = 15.0
 SSE_BUFFER = 4096
-SSE_WATCHDOG_INTERVAL = 1.0
+SSE_MAX_PENDING = 256 * 1024
+SSE_FAN_OUT_SLICE = 1000
+SO_SNDBUF = 64 * 1024
 
 HEARTBEAT_INTERVAL = 1.0
 PEER_SILENT_AFTER = 3.0
@@ -773,33 +777,52 @@ def _product_snapshot(product):
     return entry
 
 
-class StreamState:
-    """What the hub keeps per open stream: where it is, what it wants."""
+SSE_HEAD = (b'HTTP/1.1 200 OK\r\n'
+            b'Content-Type: text/event-stream\r\n'
+            b'Cache-Control: no-cache\r\n'
+            b'X-Accel-Buffering: no\r\n'
+            b'Connection: close\r\n\r\n')
+KEEPALIVE = b': keep-alive\n\n'
 
-    __slots__ = ('cursor', 'products', 'greenlet')
 
-    def __init__(self, cursor, products, greenlet):
-        self.cursor, self.products, self.greenlet = cursor, products, greenlet
+class Stream:
+    """One open SSE connection, owned by the hub after its first bytes.
+
+    Tiny on purpose (a socket, a cursor, a filter): no greenlet, no queue.
+    Bytes the kernel would not take wait in `pending`, which is bounded.
+    """
+
+    __slots__ = ('sock', 'cursor', 'products', 'pending', 'reader',
+                 'writer')
+
+    def __init__(self, sock, cursor, products):
+        self.sock, self.cursor, self.products = sock, cursor, products
+        self.pending = b''
+        self.reader = self.writer = None
 
 
 class EventHub:
     """Fan-out of inventory events to every open SSE stream.
 
-    Each event is encoded once into a bounded ring buffer; streams keep
-    only a cursor into it and sleep on one shared wake-up event. A stream
-    that falls out of the ring (a client that stopped reading) is cut off
-    and comes back with `Last-Event-ID`, getting a snapshot.
+    Each event is encoded once into a ring buffer (kept for `Last-Event-ID`
+    replays). One fan-out greenlet writes the new bytes straight to every
+    stream's non-blocking socket, the same bytes object to every stream
+    that wants the same events. A client that stops reading collects
+    unsent bytes up to `SSE_MAX_PENDING`, then is cut off; it reconnects
+    with `Last-Event-ID` and gets what it missed, or a snapshot.
     """
 
     def __init__(self, inventory, buffer_size=SSE_BUFFER):
         self.inventory = inventory
         self.epoch = format(int(time.time() * 1000), 'x')
         self.seq = 0
+        self.cut_off = 0
         self._ring = deque(maxlen=buffer_size)
-        self._wakeup = gevent.event.Event()
         self._streams = set()
+        self._dirty = gevent.event.Event()
         self._shutdown = gevent.event.Event()
-        self._watchdog = None
+        self._loop = gevent.get_hub().loop
+        self._fan_out_greenlet = None
 
     @property
     def last_event_id(self):
@@ -810,14 +833,14 @@ class EventHub:
         return len(self._streams)
 
     def start(self):
-        self._watchdog = gevent.spawn(self._watch)
+        self._fan_out_greenlet = gevent.spawn(self._fan_out_loop)
 
     def stop(self):
         self._shutdown.set()
-        if self._watchdog:
-            self._watchdog.kill()
-        for state in list(self._streams):
-            state.greenlet.kill(block=False)
+        if self._fan_out_greenlet:
+            self._fan_out_greenlet.kill()
+        for stream in list(self._streams):
+            self._close(stream)
 
     def on_inventory(self, kind, product, item, old_level, local):
         """Inventory listener: turn a change into the events shoppers see."""
@@ -834,37 +857,32 @@ class EventHub:
                     'level': level})
 
     def publish(self, name, product_id, data):
-        """Encode an event once and wake every stream."""
+        """Encode an event once; the fan-out greenlet sends it."""
         self.seq += 1
         payload = format_event(name, data, self.last_event_id)
         self._ring.append((self.seq, product_id, payload))
-        wakeup, self._wakeup = self._wakeup, gevent.event.Event()
-        wakeup.set()
+        self._dirty.set()
 
-    def stream(self, products=None, last_event_id=None):
-        """The bytes of one SSE stream, for as long as the client stays."""
-        cursor = self._resume_cursor(last_event_id)
-        state = StreamState(self.seq, products, gevent.getcurrent())
-        self._streams.add(state)
-        try:
-            yield self._opening(cursor, products)
-            while not self._shutdown.is_set():
-                chunk = self._next_chunk(state)
-                if chunk is None:
-                    return
-                yield chunk
-        finally:
-            self._streams.discard(state)
+    # -- opening a stream ----------------------------------------------
 
-    def _opening(self, cursor, products):
-        """`retry:` plus the missed events, or a snapshot."""
+    def opening(self, products=None, last_event_id=None):
+        """(cursor, first bytes): `retry:` plus missed events or snapshot."""
         head = f'retry: {SSE_RETRY_MS}\n\n'.encode()
-        if cursor is None:
-            return head + self._snapshot(products)
-        missed = self._since(cursor, products)
+        cursor = self._resume_cursor(last_event_id)
+        missed = None if cursor is None else self._since(cursor, products)
         if missed is None:
-            return head + self._snapshot(products)
-        return head + missed
+            return self.seq, head + self._snapshot(products)
+        return self.seq, head + missed
+
+    def adopt(self, sock, cursor, products):
+        """Own a connected socket whose opening bytes were sent."""
+        stream = Stream(sock, cursor, products)
+        stream.reader = self._loop.io(sock.fileno(), 1)
+        stream.reader.start(self._on_readable, stream)
+        self._streams.add(stream)
+        if cursor < self.seq:
+            self._dirty.set()
+        return stream
 
     def _snapshot(self, products):
         chosen = [p for p in self.inventory.ordered()
@@ -877,7 +895,8 @@ class EventHub:
         if not last_event_id:
             return self.seq
         epoch, _, seq = last_event_id.partition('-')
-        if epoch != self.epoch or not seq.isdigit() or int(seq) > self.seq:
+        if (epoch != self.epoch or not (seq.isascii() and seq.isdigit())
+                or int(seq) > self.seq):
             return None
         return int(seq)
 
@@ -891,33 +910,91 @@ class EventHub:
                         in itertools.islice(self._ring, skip, None)
                         if products is None or pid in products)
 
-    def _next_chunk(self, state):
-        """Wait for events (or the keep-alive) and return them as bytes."""
-        while True:
-            wakeup = self._wakeup
-            chunk = self._since(state.cursor, state.products)
-            state.cursor = self.seq
-            if chunk is None:
-                return None
-            if chunk:
-                return chunk
-            if not wakeup.wait(SSE_KEEPALIVE):
-                return b': keep-alive\n\n'
+    # -- writing ---------------------------------------------------------
 
-    def _watch(self):
-        """Cut off streams whose client stopped reading."""
-        while not self._shutdown.wait(SSE_WATCHDOG_INTERVAL):
+    def _fan_out_loop(self):
+        while not self._shutdown.is_set():
+            woken = self._dirty.wait(SSE_KEEPALIVE)
+            self._dirty.clear()
             try:
-                self._cut_off_laggards()
+                self._fan_out() if woken else self._keep_alive()
             except Exception:
-                logger.exception('SSE watchdog failed')
+                logger.exception('SSE fan-out failed')
 
-    def _cut_off_laggards(self):
-        first = self._ring[0][0] if self._ring else self.seq + 1
-        for state in [s for s in self._streams if s.cursor < first - 1]:
-            logger.info('cutting off an SSE client that stopped reading')
-            self._streams.discard(state)
-            state.greenlet.kill(block=False)
+    def _fan_out(self):
+        """Send every stream the events after its cursor."""
+        target, chunks = self.seq, {}
+        for n, stream in enumerate(list(self._streams), 1):
+            if stream.cursor >= target or stream.sock is None:
+                continue
+            key = (stream.cursor, stream.products)
+            if key not in chunks:
+                chunks[key] = self._since(stream.cursor, stream.products)
+            stream.cursor = target
+            self._send(stream, chunks[key])
+            if n % SSE_FAN_OUT_SLICE == 0:
+                gevent.sleep(0)  # let purchases and requests run
+
+    def _keep_alive(self):
+        for n, stream in enumerate(list(self._streams), 1):
+            self._send(stream, KEEPALIVE)
+            if n % SSE_FAN_OUT_SLICE == 0:
+                gevent.sleep(0)
+
+    def _send(self, stream, data):
+        """Write without ever waiting; keep the rest, bounded."""
+        if data is None:  # it fell out of the ring: resume impossible
+            return self._close(stream, cut_off=True)
+        if stream.pending:
+            stream.pending += data
+        else:
+            stream.pending = data
+            self._flush(stream)
+        if len(stream.pending) > SSE_MAX_PENDING:
+            self._close(stream, cut_off=True)
+        elif stream.pending and stream.writer is None:
+            stream.writer = self._loop.io(stream.sock.fileno(), 2)
+            stream.writer.start(self._on_writable, stream)
+
+    def _flush(self, stream):
+        try:
+            sent = stream.sock.send(stream.pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            return self._close(stream)
+        stream.pending = stream.pending[sent:]
+
+    def _on_writable(self, stream):
+        self._flush(stream)
+        if not stream.pending and stream.writer is not None:
+            stream.writer.stop()
+            stream.writer = None
+
+    def _on_readable(self, stream):
+        """A client never sends after its request: this is its goodbye."""
+        try:
+            data = stream.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b''
+        if not data:
+            self._close(stream)
+
+    def _close(self, stream, cut_off=False):
+        if stream not in self._streams:
+            return
+        self._streams.discard(stream)
+        for watcher in (stream.reader, stream.writer):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        stream.reader = stream.writer = None
+        stream.sock.close()
+        if cut_off:
+            self.cut_off += 1
+            logger.info('cut off an SSE client that stopped reading')
 
 
 # ---------------------------------------------------------------------------
@@ -1361,7 +1438,8 @@ def product_filter(text):
     if not text:
         return None
     try:
-        return {int(part) for part in text.split(',') if part.strip()}
+        return frozenset(int(part) for part in text.split(',')
+                         if part.strip())
     except ValueError:
         raise ApiError(400, 'products must be a comma-separated list of '
                             'ids') from None
@@ -1389,6 +1467,51 @@ def error_page(res):
     codes = {404: 'not_found', 405: 'method_not_allowed'}
     code = codes.get(res.status_code)
     return json.dumps({'error': code or str(res.body or res.status_line)})
+
+
+STREAM_REQUEST = 'sneakers23.stream'
+
+
+class Handler(WSGIHandler):
+    """pywsgi's handler, which gives an accepted SSE request to the hub.
+
+    The hub writes to the socket itself from then on, so a stream costs no
+    greenlet, no WSGI iterator and no chunked framing: the same bytes go
+    to every stream (the response ends when the connection closes).
+    """
+
+    def process_result(self):
+        wanted = self.environ.get(STREAM_REQUEST)
+        if wanted is None or self.code != 200 or self.command != 'GET':
+            return super().process_result()
+        hub = self.server.application.node.hub
+        cursor, opening = hub.opening(*wanted)
+        self.socket.sendall(SSE_HEAD + opening)
+        raw = _socket.socket(fileno=self.socket.detach())
+        raw.setblocking(False)
+        self.socket, self.close_connection = None, True
+        hub.adopt(raw, cursor, wanted[0])
+
+
+def make_server(app, host, port):
+    """The gevent WSGI server of a node, listening but not serving yet.
+
+    Accepted sockets inherit a fixed send buffer: without it Linux grows
+    the buffer of a client that stopped reading to 4 MB before the hub
+    sees anything pending (and can cut the client off).
+    """
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SO_SNDBUF)
+    try:
+        listener.bind((host, port))
+    except OSError as e:
+        listener.close()
+        raise ConfigError(f'cannot listen on {host}:{port}: '
+                          f'{e.strerror}') from None
+    listener.listen(4096)
+    return WSGIServer(listener, app, log=None, error_log=logger,
+                      handler_class=Handler)
 
 
 def create_app(config):
@@ -1434,13 +1557,10 @@ def _events(node):
     unknown = (products or set()) - node.inventory.products.keys()
     if unknown:
         raise ApiError(404, 'not_found')
-    last_id = (bottle.request.get_header('Last-Event-ID')
+    last_id = (_raw_header('HTTP_LAST_EVENT_ID')
                or query.get('last_event_id'))
-    for name, value in (('Content-Type', 'text/event-stream'),
-                        ('Cache-Control', 'no-cache'),
-                        ('X-Accel-Buffering', 'no')):
-        bottle.response.set_header(name, value)
-    return node.hub.stream(products, last_id)
+    bottle.request.environ[STREAM_REQUEST] = (products, last_id)
+    return ''  # Handler hands the connection to the hub
 
 
 def _purchase(node):
@@ -1473,8 +1593,13 @@ def _shopper(node):
     return shopper
 
 
+def _raw_header(name):
+    """A request header as WSGI gives it (latin-1), never a decode error."""
+    return bottle.request.environ.get(name, '')
+
+
 def _require_admin(node):
-    header = bottle.request.get_header('Authorization', '')
+    header = _raw_header('HTTP_AUTHORIZATION')
     scheme, _, token = header.partition(' ')
     good = node.config.admin_token.encode()
     if scheme.lower() != 'bearer' or not hmac.compare_digest(
@@ -1617,19 +1742,14 @@ def serve(config):
         print(f'admin token (set SNEAKERS23_ADMIN_TOKEN to choose one): '
               f'{config.admin_token}', flush=True)
     app = create_app(config)
+    server = make_server(app, config.host, config.port)
     try:
         app.node.start()
     except OperationalError as e:
         raise ConfigError(f'cannot use the database '
                           f'{redact(config.db_url)}: {_first_line(e)}') \
             from None
-    server = WSGIServer((config.host, config.port), app, log=None,
-                        error_log=logger, backlog=4096)
-    try:
-        server.start()
-    except OSError as e:
-        raise ConfigError(f'cannot listen on {config.host}:{config.port}: '
-                          f'{e.strerror}') from None
+    server.start()
     print(f'sneakers23 node {config.node} serving on '
           f'http://{config.host}:{config.port}', flush=True)
     stopped = gevent.event.Event()

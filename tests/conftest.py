@@ -239,6 +239,7 @@ class SSEClient:
 
     def close(self):
         self._reader.kill()
+        self.response.close()  # it holds the socket open too
         self.conn.close()
 
 
