@@ -448,10 +448,42 @@ def create_tables():
     db.create_tables(MODELS, safe=True)
 
 
+CATALOG_FIELDS = {'sku': str, 'brand': str, 'name': str, 'color': str,
+                  'price_cents': int, 'image': str}
+
+
+def read_catalog(path):
+    """The products of a catalogue TOML, checked; ConfigError if wrong."""
+    try:
+        with open(path, 'rb') as f:
+            entries = tomllib.load(f).get('products')
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f'cannot read the catalogue {path}: {e}') from None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f'{path} has no [[products]]')
+    for n, entry in enumerate(entries, 1):
+        problem = _catalog_problem(entry)
+        if problem:
+            raise ConfigError(f'{path}: product {n}: {problem}')
+    return entries
+
+
+def _catalog_problem(entry):
+    """What is wrong with one catalogue entry, or None."""
+    for name, kind in CATALOG_FIELDS.items():
+        if type(entry.get(name)) is not kind:
+            return f'{name} must be {"an integer" if kind is int else "text"}'
+    stock = entry.get('stock', {})
+    if not isinstance(stock, dict) or set(stock) - set(SIZES):
+        return f'stock must map sizes {SIZES[0]}..{SIZES[-1]} to counts'
+    if any(type(n) is not int or n < 0 for n in stock.values()):
+        return 'stock counts must be integers >= 0'
+    return None
+
+
 def seed(catalog_path, reset=False):
     """Fill the database from the catalogue; returns products written."""
-    with open(catalog_path, 'rb') as f:
-        entries = tomllib.load(f).get('products', [])
+    entries = read_catalog(catalog_path)
     with db.atomic():
         if reset:
             db.drop_tables(MODELS, safe=True)
@@ -1775,9 +1807,9 @@ def seed_command(args):
         raise ConfigError(f'cannot use the database '
                           f'{redact(args.db or DEFAULT_DB_URL)}: '
                           f'{_first_line(e)}') from None
-    except (OSError, tomllib.TOMLDecodeError, KeyError) as e:
-        raise ConfigError(f'cannot read the catalogue {args.catalog}: '
-                          f'{e}') from None
+    except IntegrityError as e:
+        raise ConfigError(f'{args.catalog} repeats a sku: '
+                          f'{_first_line(e)}') from None
     finally:
         db.close()
     if count:

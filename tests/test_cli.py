@@ -133,8 +133,15 @@ def test_admin_commands_need_the_token(sqlite_node):
     (['release', '1', '--url', 'ftp://x'], '--url must look like'),
     (['sell-random', '--rate', '-1'], '--rate'),
     (['frobnicate'], 'unrecognized arguments'),
+    (['seed', '--db', 'sqlite:///{tmp}/x.db', '--catalog', '{tmp}/no.toml'],
+     'cannot read the catalogue'),
+    (['seed', '--db', 'sqlite:///{tmp}/x.db', '--catalog', '{tmp}/bad.toml'],
+     'product 1: price_cents must be an integer'),
 ])
-def test_bad_arguments_give_one_line_and_exit_2(args, says):
+def test_bad_arguments_give_one_line_and_exit_2(args, says, tmp_path):
+    (tmp_path / 'bad.toml').write_text(
+        SMALL_CATALOG.replace('price_cents = 10000', 'price_cents = "10"'))
+    args = [arg.format(tmp=tmp_path) for arg in args]
     done = run(*args, timeout=30)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert done.stderr.count('\n') == 1, done.stderr
