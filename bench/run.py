@@ -1,0 +1,1317 @@
+#!/usr/bin/env python3
+"""Benchmarks of sneakers23, each figure beside its baseline.
+
+    .venv/bin/python bench/run.py                   # everything, ~2-3 min
+    .venv/bin/python bench/run.py sse reads         # some of them
+    .venv/bin/python bench/run.py --quick           # a smoke test
+
+Benchmarks (by name): sse, purchases_sqlite, sold_out, reads,
+purchases_pg, replication, cold_start. Every server and load generator
+runs as its own process on this machine; each baseline is measured in
+the same run, with the same client. Nothing here asserts a timing: it
+prints a table (figure, sneakers23, baseline, ratio, target, the load
+generator's CPU time) and writes everything to bench/results/latest.json.
+
+`purchases_pg` drops and recreates the sneakers23 tables in the
+PostgreSQL database it is given (--pg, default `sneakers23_bench` on the
+local server, created when missing, so that it never collides with the
+test suite's database): never point it at a database in use.
+"""
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+VENV_PY = os.path.join(ROOT, '.venv', 'bin', 'python')
+if (os.path.exists(VENV_PY) and not os.environ.get('SNEAKERS23_BENCH_VENV')
+        and os.path.realpath(sys.prefix) != os.path.realpath(
+            os.path.join(ROOT, '.venv'))):
+    os.environ['SNEAKERS23_BENCH_VENV'] = '1'  # re-run under the venv
+    os.execv(VENV_PY, [VENV_PY, *sys.argv])
+
+import argparse
+import bisect
+import json
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from repl_driver import Connection
+
+PY = VENV_PY if os.path.exists(VENV_PY) else sys.executable
+NODE = os.path.join(ROOT, 'sneakers23.py')
+RESULTS = os.path.join(HERE, 'results')
+TOKEN = 'bench-admin-token'
+PG_URL = os.environ.get(
+    'SNEAKERS23_BENCH_PG',
+    'postgresql://postgres@127.0.0.1:5432/sneakers23_bench')
+HOT_STOCK = 1_000_000
+CLK_TCK = os.sysconf('SC_CLK_TCK')
+NAMES = ('sse', 'purchases_sqlite', 'sold_out', 'reads', 'purchases_pg',
+         'replication', 'cold_start')
+SQLITE_GROUP = ('purchases_sqlite', 'sold_out', 'reads')
+
+
+@dataclass
+class Settings:
+    streams: int = 10_000
+    rounds: int = 5
+    wrk_seconds: int = 10
+    wrk_threads: int = 2
+    wrk_conns: int = 500
+    repl_rate: int = 1000
+    repl_seconds: float = 5
+    repl_items: int = 16
+    cold_products: int = 10_000
+    cold_starts: int = 3
+    pg_wait: float = 60
+
+
+QUICK = Settings(streams=1000, rounds=2, wrk_seconds=5, repl_seconds=2,
+                 cold_products=1000, pg_wait=20)
+
+
+def say(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+class Procs:
+    """Every process the benchmark starts, each in its own group."""
+
+    def __init__(self, logdir):
+        self.logdir, self.live, self.sessions = logdir, [], set()
+
+    def start(self, cmd, name, env=None, **kwargs):
+        kwargs.setdefault('stdin', subprocess.DEVNULL)
+        log = None
+        if 'stdout' not in kwargs:
+            log = open(os.path.join(self.logdir, f'{name}.log'), 'ab')
+            kwargs['stdout'] = log
+            kwargs.setdefault('stderr', subprocess.STDOUT)
+        try:
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                                    **kwargs)
+        finally:
+            if log:
+                log.close()
+        proc.name = name
+        self.live.append(proc)
+        self.sessions.add(proc.pid)
+        return proc
+
+    def log_tail(self, name, lines=15):
+        path = os.path.join(self.logdir, f'{name}.log')
+        try:
+            with open(path, errors='replace') as f:
+                return ''.join(f.readlines()[-lines:])
+        except OSError:
+            return ''
+
+    def stop(self, proc, grace=5.0):
+        """SIGTERM the process group, SIGKILL it after `grace` seconds."""
+        if proc in self.live:
+            self.live.remove(proc)
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+            if proc.returncode is not None:
+                break
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        for stream in (proc.stdin, proc.stdout):
+            if stream:
+                stream.close()
+
+    def stop_all(self):
+        for proc in reversed(list(self.live)):
+            self.stop(proc, grace=2)
+
+    def reap(self, proc, timeout):
+        """Wait for `proc`; (exit code, CPU seconds it used)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                if proc in self.live:
+                    self.live.remove(proc)
+                return proc.returncode, usage.ru_utime + usage.ru_stime
+            if time.monotonic() > deadline:
+                self.stop(proc)
+                raise TimeoutError(f'{proc.name} took over {timeout:.0f} s')
+            time.sleep(0.02)
+
+    def run(self, cmd, name, timeout, env=None):
+        """Run to the end: (exit code, stdout text, CPU seconds)."""
+        with tempfile.TemporaryFile() as out:
+            proc = self.start(cmd, name, env=env, stdout=out,
+                              stderr=subprocess.STDOUT)
+            code, cpu = self.reap(proc, timeout)
+            out.seek(0)
+            return code, out.read().decode(errors='replace'), cpu
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def rss_kb(pid):
+    with open(f'/proc/{pid}/status') as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a running process."""
+    with open(f'/proc/{pid}/stat') as f:
+        fields = f.read().rpartition(')')[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_busy(seconds=1.0):
+    """Share of all CPUs busy over `seconds`, whoever the work is for."""
+    def sample():
+        with open('/proc/stat') as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+        return sum(ticks), ticks[3] + ticks[4]
+    total, idle = sample()
+    time.sleep(seconds)
+    total2, idle2 = sample()
+    return 1 - (idle2 - idle) / max(1, total2 - total)
+
+
+def wait_quiet(ctx, name):
+    """Wait (up to --wait-quiet s) for a machine free of others' work."""
+    deadline = time.monotonic() + ctx.args.wait_quiet
+    busy = cpu_busy()
+    while busy > 0.15 and time.monotonic() < deadline:
+        busy = cpu_busy()
+    ctx.busy[name] = round(busy, 3)
+    if busy > 0.15:
+        ctx.note(f'{name}: the machine was {busy:.0%} busy with other '
+                 'work just before it: its figures are pessimistic')
+
+
+class ForeignCpu:
+    """CPU time used by processes this run did not start, sampled twice
+    a second from /proc: how much other work shared the machine."""
+
+    def __init__(self, procs):
+        self.procs, self.total = procs, 0.0
+        self.ignore = set()   # command names that count as ours
+        self._seen = self._sample()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        mine = {os.getsid(0), *self.procs.sessions}
+        found = {}
+        for pid in os.listdir('/proc'):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f'/proc/{pid}/stat') as f:
+                    text = f.read()
+            except OSError:
+                continue
+            comm, fields = text[text.find('(') + 1:text.rfind(')')], \
+                text.rpartition(')')[2].split()
+            if int(fields[3]) not in mine and comm not in self.ignore:
+                found[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return found
+
+    def _run(self):
+        while not self._stop.wait(0.5):
+            now = self._sample()
+            self.total += sum(max(0.0, ticks - self._seen.get(pid, 0.0))
+                              for pid, ticks in now.items())
+            self._seen = now
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def cpu_ticks():
+    """(all ticks, steal ticks) of the machine so far, from /proc/stat."""
+    with open('/proc/stat') as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    return sum(ticks), ticks[7]
+
+
+def pressure():
+    """avg10 of /proc/pressure/{cpu,memory} (some), when there."""
+    found = {}
+    for kind in ('cpu', 'memory'):
+        try:
+            with open(f'/proc/pressure/{kind}') as f:
+                found[kind] = f.readline().split()[1].split('=')[1]
+        except (OSError, IndexError):
+            pass
+    return found
+
+
+def node_env():
+    return {**os.environ, 'SNEAKERS23_ADMIN_TOKEN': TOKEN,
+            'PYTHONUNBUFFERED': '1'}
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+
+def api(port, method, path, body=None, admin=False):
+    """(status, JSON) of one request on a fresh connection."""
+    conn = Connection('127.0.0.1', port)
+    try:
+        headers = [f'Authorization: Bearer {TOKEN}'] if admin else []
+        headers.append('Connection: close')
+        _, status, raw = conn.request(method, path, body, headers)
+    finally:
+        conn.close()
+    try:
+        return status, json.loads(raw or b'null')
+    except ValueError:
+        return status, raw
+
+
+def healthz_once(port):
+    try:
+        return api(port, 'GET', '/healthz')[0] == 200
+    except OSError:
+        return False
+
+
+def wait_ready(procs, proc, port, timeout=60.0, poll=0.01):
+    """Poll GET /healthz until 200; returns when it answered."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f'{proc.name} exited with {proc.returncode}'
+                               f':\n{procs.log_tail(proc.name)}')
+        if healthz_once(port):
+            return time.monotonic()
+        time.sleep(poll)
+    raise TimeoutError(f'{proc.name} not ready after {timeout:.0f} s')
+
+
+def products(port):
+    status, data = api(port, 'GET', '/api/products')
+    if status != 200:
+        raise RuntimeError(f'/api/products answered {status}')
+    return data
+
+
+def item_counts(port):
+    return {i['id']: i['count'] for p in products(port) for i in p['items']}
+
+
+def release(port, product_id):
+    status, answer = api(port, 'POST',
+                         f'/admin/api/products/{product_id}/release',
+                         {}, admin=True)
+    if status != 200:
+        raise RuntimeError(f'release {product_id}: {status} {answer}')
+
+
+def restock_to(port, item_id, current, target):
+    """Add pairs until the item holds `target` (restock only adds)."""
+    while current < target:
+        add = min(target - current, 1_000_000)
+        status, answer = api(port, 'POST',
+                             f'/admin/api/items/{item_id}/restock',
+                             {'count': add}, admin=True)
+        if status != 200:
+            raise RuntimeError(f'restock {item_id}: {status} {answer}')
+        current = answer['count']
+    return current
+
+
+def items_below(port, limit, how_many, exclude=()):
+    """(product_id, item_id, count) of items holding fewer than `limit`."""
+    found = [(p['id'], i['id'], i['count']) for p in products(port)
+             for i in p['items'] if i['count'] < limit
+             and i['id'] not in exclude]
+    if len(found) < how_many:
+        raise RuntimeError(f'only {len(found)} items below {limit}')
+    return found[:how_many]
+
+
+def start_node(ctx, name, db_url, port=None, extra=()):
+    port = port or free_port()
+    cmd = [PY, NODE, 'serve', '--db', db_url, '--port', str(port), *extra]
+    proc = ctx.procs.start(cmd, name, env=node_env())
+    wait_ready(ctx.procs, proc, port)
+    return proc, port
+
+
+# ---------------------------------------------------------------------------
+# wrk
+# ---------------------------------------------------------------------------
+
+def wrk(ctx, name, url, script, env_extra=None, server=None):
+    """One wrk run: its JSON summary, its CPU and the server's CPU."""
+    s = ctx.settings
+    cmd = ['wrk', f'-t{s.wrk_threads}', f'-c{s.wrk_conns}',
+           f'-d{s.wrk_seconds}s', '-s', os.path.join(HERE, script), url]
+    server_cpu = cpu_seconds(server.pid) if server else None
+    code, out, cpu = ctx.procs.run(cmd, name, s.wrk_seconds + 60,
+                                   env={**os.environ, **(env_extra or {})})
+    match = re.search(r'^WRKJSON (\{.*\})$', out, re.M)
+    if code != 0 or not match:
+        raise RuntimeError(f'wrk failed ({code}):\n{out[-2000:]}')
+    result = json.loads(match.group(1))
+    seconds = result['duration_us'] / 1e6
+    result.update(
+        seconds=seconds, rps=result['requests'] / seconds,
+        ok=result['requests'] - result['non_2xx_3xx'],
+        ok_per_s=(result['requests'] - result['non_2xx_3xx']) / seconds,
+        client_cpu=cpu,
+        command=' '.join(cmd[:-2] + [f'bench/{script}', url]))
+    if server:
+        result['server_cpu'] = cpu_seconds(server.pid) - server_cpu
+    errors = sum(result[k] for k in ('connect_errors', 'read_errors',
+                                     'write_errors', 'timeouts'))
+    say(f'  {name}: {result["requests"]} requests in {seconds:.1f} s = '
+        f'{result["rps"]:,.0f}/s, {result["non_2xx_3xx"]} non-2xx, '
+        f'{errors} socket errors; wrk CPU {cpu:.1f} s')
+    if errors:
+        ctx.note(f'{name}: wrk saw {errors} socket errors (of which '
+                 f'{result["timeouts"]} answers slower than its 2 s '
+                 'timeout); they are not counted as answered')
+    return result
+
+
+# ---------------------------------------------------------------------------
+# The benchmark context and its results
+# ---------------------------------------------------------------------------
+
+class Context:
+    def __init__(self, settings, args, workdir):
+        self.settings, self.args, self.workdir = settings, args, workdir
+        self.procs = Procs(workdir)
+        self.rows, self.notes, self.results = [], [], {}
+        self._client = None
+        self.busy, self.foreign = {}, {}
+        self.monitor = None
+        self.sqlite = None   # the node shared by SQLITE_GROUP
+
+    def row(self, figure, ours, base, unit, target='', cpu='',
+            higher_is_better=True, target_ratio=None, target_value=None):
+        """One line of the table."""
+        ratio = ours / base if ours is not None and base else None
+        met = ''
+        if target_ratio is not None and ratio is not None:
+            met = 'met' if ratio >= target_ratio else 'MISSED'
+        elif target_value is not None and ours is not None:
+            ok = ours >= target_value if higher_is_better else \
+                ours <= target_value
+            met = 'met' if ok else 'MISSED'
+        self.rows.append({
+            'figure': figure, 'sneakers23': ours, 'baseline': base,
+            'unit': unit, 'ratio': ratio, 'target': target,
+            'target_met': met or None, 'client_cpu': cpu})
+
+    def note(self, text):
+        self.notes.append(text)
+        say(f'  note: {text}')
+
+    def client(self):
+        """The C SSE client, compiled once per run."""
+        if self._client is None:
+            os.makedirs(RESULTS, exist_ok=True)
+            source = os.path.join(HERE, 'sse_client.c')
+            binary = os.path.join(RESULTS, 'sse_client')
+            subprocess.run(['gcc', '-O2', '-Wall', '-o', binary, source],
+                           check=True)
+            self._client = binary
+        return self._client
+
+    def sqlite_node(self):
+        """One SQLite node for the HTTP benchmarks, and its /healthz rate."""
+        if self.sqlite is None:
+            path = os.path.join(self.workdir, 'http.db')
+            proc, port = start_node(self, 'node-sqlite', f'sqlite:///{path}')
+            self.sqlite = {'proc': proc, 'port': port, 'path': path}
+            say('  baseline: wrk GET /healthz on the same node')
+            self.sqlite['healthz'] = wrk(
+                self, 'wrk-healthz', f'http://127.0.0.1:{port}/healthz',
+                'get.lua', server=proc)
+            self.results['healthz_sqlite'] = self.sqlite['healthz']
+        return self.sqlite
+
+    def stop_sqlite_node(self):
+        if self.sqlite:
+            self.procs.stop(self.sqlite['proc'])
+            self.sqlite = None
+
+
+def cpu_text(ours, base=None):
+    if base is None:
+        return f'{ours:.2f} s'
+    return f'{ours:.2f} s | {base:.2f} s'
+
+
+# ---------------------------------------------------------------------------
+# SSE fan-out
+# ---------------------------------------------------------------------------
+
+def parse_fields(line):
+    return {k: float(v) for k, v in re.findall(r'(\w+)=(-?[\d.]+)', line)}
+
+
+def fan_out(ctx, name, proc, port, items):
+    """Open N streams, trigger one stock_change per item, time them."""
+    s = ctx.settings
+    time.sleep(0.5)
+    rss_before = rss_kb(proc.pid)
+    cmd = [ctx.client(), '--port', str(port), '--streams', str(s.streams),
+           '--window', '500', '--timeout', '20', '--gap', '0.5']
+    for item in items:
+        cmd += ['--item', str(item)]
+    client = ctx.procs.start(cmd, f'client-{name}', stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE,
+                             stderr=open(os.path.join(
+                                 ctx.workdir, f'client-{name}.log'), 'ab'))
+    try:
+        ready = client.stdout.readline().decode()
+        if not ready.startswith('ready'):
+            raise RuntimeError(f'the SSE client said {ready!r}:\n'
+                               + ctx.procs.log_tail(f'client-{name}'))
+        fields = parse_fields(ready)
+        time.sleep(1.0)
+        rss_after = rss_kb(proc.pid)
+        _, health = api(port, 'GET', '/healthz')
+        say(f'  {name}: {int(fields["connected"])} streams open '
+            f'(the server counts {health.get("streams")}) in '
+            f'{fields["connect_ms"] / 1000:.1f} s; RSS {rss_before} -> '
+            f'{rss_after} kB')
+        client.stdin.write(b'go\n')
+        client.stdin.flush()
+        output = client.stdout.read().decode()
+        _, cpu = ctx.procs.reap(client, 120)
+    finally:
+        ctx.procs.stop(client)
+    rounds = [parse_fields(line) for line in output.splitlines()
+              if line.startswith('round')]
+    all_line = next(line for line in output.splitlines()
+                    if line.startswith('all'))
+    total = parse_fields(all_line)
+    tail = parse_fields(output.splitlines()[-1])
+    for line in output.splitlines():
+        say(f'    {line}')
+    return {
+        'streams': s.streams, 'connected': int(fields['connected']),
+        'connect_failed': int(fields['failed']),
+        'connect_s': fields['connect_ms'] / 1000,
+        'server_streams': health.get('streams'),
+        'rss_before_kb': rss_before, 'rss_after_kb': rss_after,
+        'kb_per_stream': (rss_after - rss_before) / s.streams,
+        'rounds': rounds, 'received': int(total['received']),
+        'expected': s.streams * len(items),
+        'p50_ms': total['p50'], 'p90_ms': total['p90'],
+        'p99_ms': total['p99'], 'max_ms': total['max'],
+        'last_stream_ms': statistics.median(r['max'] for r in rounds),
+        'statuses': [int(r['status']) for r in rounds],
+        'client_cpu': cpu, 'client_cpu_rounds': tail.get(
+            'cpu_rounds_ms', 0) / 1000}
+
+
+def bench_sse(ctx):
+    s = ctx.settings
+    say(f'sse: one stock_change to {s.streams:,} streams, {s.rounds} '
+        'rounds, sneakers23 then the baseline')
+    path = os.path.join(ctx.workdir, 'sse.db')
+    proc, port = start_node(ctx, 'node-sse', f'sqlite:///{path}')
+    try:
+        chosen = items_below(port, 150, s.rounds)
+        for product_id in {p for p, _, _ in chosen}:
+            release(port, product_id)
+        for _, item, count in chosen:
+            if restock_to(port, item, count, 150) != 150:
+                raise RuntimeError(f'item {item} is not at 150')
+        ours = fan_out(ctx, 'sneakers23', proc, port,
+                       [i for _, i, _ in chosen])
+        counts = item_counts(port)
+        ours['items_after'] = {i: counts[i] for _, i, _ in chosen}
+    finally:
+        ctx.procs.stop(proc)
+    bproc = ctx.procs.start([PY, os.path.join(HERE, 'baseline_sse.py'),
+                             '--port', str(bport := free_port())],
+                            'baseline-sse')
+    try:
+        wait_ready(ctx.procs, bproc, bport)
+        base = fan_out(ctx, 'baseline', bproc, bport,
+                       [i for _, i, _ in chosen])
+    finally:
+        ctx.procs.stop(bproc)
+    ctx.results['sse'] = {'sneakers23': ours, 'baseline': base}
+    if set(ours['statuses']) != {201}:
+        ctx.note(f'sse: trigger purchases answered {ours["statuses"]}')
+    if any(c != 149 for c in ours['items_after'].values()):
+        ctx.note(f'sse: items after the rounds: {ours["items_after"]}')
+    for r, label in ((ours, 'sneakers23'), (base, 'baseline')):
+        if r['received'] != r['expected'] or r['connect_failed']:
+            ctx.note(f'sse {label}: {r["received"]} of {r["expected"]} '
+                     f'deliveries, {r["connect_failed"]} streams failed '
+                     'to open')
+    n = f'{s.streams:,}'
+    cpu = cpu_text(ours['client_cpu'], base['client_cpu'])
+    ctx.row(f'stock_change to {n} SSE streams, p50', ours['p50_ms'],
+            base['p50_ms'], 'ms', cpu=cpu)
+    ctx.row(f'stock_change to {n} SSE streams, p99', ours['p99_ms'],
+            base['p99_ms'], 'ms', '<= 100 ms', cpu=cpu,
+            higher_is_better=False, target_value=100)
+    ctx.row(f'  last of {n} streams (median of {s.rounds} rounds)',
+            ours['last_stream_ms'], base['last_stream_ms'], 'ms', cpu=cpu)
+    ctx.row('memory per open SSE stream', ours['kb_per_stream'],
+            base['kb_per_stream'], 'KB', '<= 12 KB',
+            higher_is_better=False, target_value=12)
+    ctx.note(f'sse: C client CPU while triggering and receiving '
+             f'{ours["client_cpu_rounds"]:.2f} s (sneakers23) / '
+             f'{base["client_cpu_rounds"]:.2f} s (baseline); the totals '
+             'in the table include opening the streams')
+
+
+# ---------------------------------------------------------------------------
+# Purchases, sold-out answers, reads
+# ---------------------------------------------------------------------------
+
+def hot_item(port):
+    """Release product 1's first item and stock it to HOT_STOCK."""
+    first = products(port)[0]
+    item = first['items'][0]
+    release(port, first['id'])
+    restock_to(port, item['id'], item['count'], HOT_STOCK)
+    return first['id'], item['id']
+
+
+def bench_purchases_sqlite(ctx):
+    say('purchases_sqlite: wrk purchases of one hot item, node on SQLite')
+    node = ctx.sqlite_node()
+    port = node['port']
+    _, item = hot_item(port)
+    result = wrk(ctx, 'wrk-purchase-sqlite',
+                 f'http://127.0.0.1:{port}/api/purchase', 'purchase.lua',
+                 {'ITEM_ID': str(item)}, server=node['proc'])
+    time.sleep(0.5)
+    sold = HOT_STOCK - item_counts(port)[item]
+    with sqlite3.connect(f'file:{node["path"]}?mode=ro', uri=True) as db:
+        orders = db.execute('SELECT count(*) FROM orders WHERE item_id = ?',
+                            (item,)).fetchone()[0]
+    result.update(sold=sold, orders=orders)
+    check_sold(ctx, 'purchases_sqlite', result)
+    base = node['healthz']
+    ctx.results['purchases_sqlite'] = result
+    ctx.row('purchases/s, one hot item, SQLite (201s) vs /healthz',
+            result['ok_per_s'], base['rps'], 'req/s', '>= 0.6x',
+            cpu_text(result['client_cpu'], base['client_cpu']),
+            target_ratio=0.6)
+
+
+def check_sold(ctx, name, result):
+    """Pairs sold = order rows; 201s counted by wrk = those, less any
+    still in flight when wrk stopped (at most one per connection)."""
+    gap = result['sold'] - result['ok']
+    if result['sold'] != result['orders'] or not (
+            0 <= gap <= ctx.settings.wrk_conns):
+        ctx.note(f'{name}: sold {result["sold"]} pairs, {result["orders"]} '
+                 f'order rows, wrk counted {result["ok"]} 201s')
+    else:
+        ctx.note(f'{name}: {result["sold"]} pairs sold = {result["orders"]}'
+                 f' order rows; wrk counted {result["ok"]} 201s ({gap} '
+                 'answered after wrk stopped counting)')
+
+
+def bench_sold_out(ctx):
+    say('sold_out: wrk purchases of an item at 0 (released) vs /healthz')
+    node = ctx.sqlite_node()
+    port = node['port']
+    catalogue = products(port)
+    candidates = [(p['id'], i['id'], i['count']) for p in catalogue[1:]
+                  for i in p['items']]
+    product_id, item, count = min(candidates, key=lambda c: c[2])
+    release(port, product_id)
+    for _ in range(count):   # sell what is left, one new shopper each
+        api(port, 'POST', '/api/purchase', {'item_id': item})
+    if item_counts(port)[item] != 0:
+        raise RuntimeError(f'item {item} is not sold out')
+    result = wrk(ctx, 'wrk-sold-out', f'http://127.0.0.1:{port}'
+                 '/api/purchase', 'purchase.lua', {'ITEM_ID': str(item)},
+                 server=node['proc'])
+    if result['non_2xx_3xx'] != result['requests']:
+        ctx.note(f'sold_out: {result["ok"]} answers were not 409')
+    base = node['healthz']
+    ctx.results['sold_out'] = result
+    ctx.row('sold-out answers/s (409) vs /healthz', result['rps'],
+            base['rps'], 'req/s', '>= 0.8x',
+            cpu_text(result['client_cpu'], base['client_cpu']),
+            target_ratio=0.8)
+
+
+def bench_reads(ctx):
+    say('reads: wrk GET / and GET /api/products vs /healthz')
+    node = ctx.sqlite_node()
+    port = node['port']
+    base = node['healthz']
+    ctx.results['reads'] = {}
+    for path, name in (('/', 'page'), ('/api/products', 'products')):
+        result = wrk(ctx, f'wrk-{name}', f'http://127.0.0.1:{port}{path}',
+                     'get.lua', server=node['proc'])
+        if result['non_2xx_3xx']:
+            ctx.note(f'reads: {result["non_2xx_3xx"]} non-2xx answers to '
+                     f'GET {path}')
+        ctx.results['reads'][name] = result
+        ctx.row(f'GET {path} req/s vs /healthz', result['rps'],
+                base['rps'], 'req/s', '>= 0.6x',
+                cpu_text(result['client_cpu'], base['client_cpu']),
+                target_ratio=0.6)
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL
+# ---------------------------------------------------------------------------
+
+def pg_ensure_database(psycopg2, url):
+    """Create the benchmark's own database when it is missing."""
+    try:
+        psycopg2.connect(url).close()
+        return
+    except psycopg2.OperationalError as e:
+        if 'does not exist' not in str(e):
+            raise
+    from psycopg2.extensions import make_dsn, parse_dsn
+    name = parse_dsn(url)['dbname']
+    conn = psycopg2.connect(make_dsn(url, dbname='postgres'))
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+    say(f'  created the database {name}')
+
+
+def pg_others(psycopg2, url):
+    """Sessions other than ours on the benchmark's database."""
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute('SELECT count(*) FROM pg_stat_activity WHERE datname ='
+                    ' current_database() AND pid <> pg_backend_pid()')
+        others = cur.fetchone()[0]
+    conn.close()
+    return others
+
+
+def pg_query(psycopg2, url, sql, args=()):
+    conn = psycopg2.connect(url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall() if cur.description else None
+    finally:
+        conn.close()
+
+
+def pg_seed(ctx, url):
+    code, out, _ = ctx.procs.run([PY, NODE, 'seed', '--reset', '--db', url],
+                                 'seed-pg', 120)
+    if code != 0:
+        raise RuntimeError(f'seed --reset on PostgreSQL failed: {out}')
+
+
+def bench_purchases_pg(ctx):
+    try:
+        import psycopg2
+    except ImportError:
+        ctx.note('purchases_pg skipped: psycopg2 is not installed')
+        return
+    url = ctx.args.pg
+    say(f'purchases_pg: NOTE: this drops and recreates the sneakers23 '
+        f'tables in {url}; never run it while the tests use that database')
+    try:
+        pg_ensure_database(psycopg2, url)
+        deadline = time.monotonic() + ctx.settings.pg_wait
+        while (others := pg_others(psycopg2, url)) and not ctx.args.force_pg:
+            if time.monotonic() > deadline:
+                ctx.note(f'purchases_pg skipped: {others} other sessions '
+                         f'use {url} (tests running?); --force-pg to run '
+                         'anyway')
+                return
+            time.sleep(1)
+    except psycopg2.OperationalError as e:
+        ctx.note(f'purchases_pg skipped: cannot reach {url}: '
+                 f'{str(e).strip().splitlines()[0]}')
+        return
+    ctx.monitor.ignore = {'postgres'}   # the server works for us here
+    try:
+        run_pg(ctx, psycopg2, url)
+    finally:
+        ctx.monitor.ignore = set()
+
+
+def run_pg(ctx, psycopg2, url):
+    """The baseline, then the node, each on freshly seeded tables."""
+    s = ctx.settings
+    # The baseline: 8 plain threads, one connection each, fresh tables.
+    pg_seed(ctx, url)
+    item, product = pg_query(psycopg2, url, 'SELECT id, product_id FROM '
+                             'item ORDER BY id LIMIT 1')[0]
+    pg_query(psycopg2, url, 'UPDATE availability SET count = %s WHERE '
+             'item_id = %s', (HOT_STOCK, item))
+    say('  baseline: the same transaction from 8 psycopg2 threads')
+    code, out, base_cpu = ctx.procs.run(
+        [PY, os.path.join(HERE, 'baseline_pg.py'), '--db', url, '--item',
+         str(item), '--product', str(product), '--threads', '8',
+         '--duration', str(s.wrk_seconds)], 'baseline-pg',
+        s.wrk_seconds + 60)
+    if code != 0:
+        raise RuntimeError(f'baseline_pg failed: {out[-2000:]}')
+    base = json.loads(out.strip().splitlines()[-1])
+    base['cpu'] = base_cpu
+    orders = pg_query(psycopg2, url, 'SELECT count(*) FROM orders')[0][0]
+    say(f'  baseline-pg: {base["tx"]} transactions in '
+        f'{base["seconds"]:.1f} s = {base["tx_per_s"]:,.0f}/s ({orders} '
+        f'order rows); its CPU {base_cpu:.1f} s')
+    # The node, on fresh tables again.
+    pg_seed(ctx, url)
+    proc, port = start_node(ctx, 'node-pg', url)
+    try:
+        _, hot = hot_item(port)
+        result = wrk(ctx, 'wrk-purchase-pg', f'http://127.0.0.1:{port}'
+                     '/api/purchase', 'purchase.lua', {'ITEM_ID': str(hot)},
+                     server=proc)
+        time.sleep(0.5)
+        result['sold'] = HOT_STOCK - item_counts(port)[hot]
+    finally:
+        ctx.procs.stop(proc)
+    result['orders'] = pg_query(psycopg2, url, 'SELECT count(*) FROM orders '
+                                'WHERE item_id = %s', (hot,))[0][0]
+    check_sold(ctx, 'purchases_pg', result)
+    ctx.results['purchases_pg'] = {'sneakers23': result, 'baseline': base}
+    ctx.row('purchases/s, one hot item, PostgreSQL vs psycopg2 x8',
+            result['ok_per_s'], base['tx_per_s'], 'tx/s', '>= 1.0x',
+            f'{result["client_cpu"]:.2f} s | ({base_cpu:.2f} s)',
+            target_ratio=1.0)
+    ctx.note('purchases_pg: client CPU of the baseline is the baseline '
+             'process itself (it is both the client and the work); '
+             'PostgreSQL\'s processes are not counted as other work')
+
+
+# ---------------------------------------------------------------------------
+# Replication
+# ---------------------------------------------------------------------------
+
+EVENT = re.compile(rb'event: stock_change\ndata: (\{[^\n]*\})\n\n')
+
+
+def read_dump(path):
+    """(arrival ns, item_id, level) of every stock_change in a dump."""
+    with open(path, 'rb') as f:
+        raw = f.read()
+    data, ends, times, pos = bytearray(), [], [], 0
+    while pos + 12 <= len(raw):
+        stamp, length = struct.unpack_from('<QI', raw, pos)
+        pos += 12
+        data += raw[pos:pos + length]
+        pos += length
+        ends.append(len(data))
+        times.append(stamp)
+    events = []
+    for match in EVENT.finditer(data):
+        body = json.loads(match.group(1))
+        arrived = times[bisect.bisect_left(ends, match.end())]
+        events.append((arrived, body['item_id'], body['level']))
+    return events
+
+
+def match_events(changes, events):
+    """Pair each event with its change, per item and in order.
+
+    Every change makes exactly one event; when one is missing, the next
+    change of the same level that was sent before the event arrived is
+    taken. Returns (ms from each request sent to its event on the other
+    node, ms from its answer to that event, changes unmatched, events
+    unmatched).
+    """
+    by_item = {}
+    for item, level, sent, _, answered in changes:
+        by_item.setdefault(item, []).append((level, sent, answered))
+    cursor = dict.fromkeys(by_item, 0)
+    latencies, after_answer, extra = [], [], 0
+    for arrived, item, level in events:
+        todo, j = by_item.get(item, []), cursor.get(item, 0)
+        while j < len(todo) and todo[j][0] != level:
+            j += 1
+        if j < len(todo) and todo[j][1] <= arrived:
+            latencies.append((arrived - todo[j][1]) / 1e6)
+            after_answer.append((arrived - todo[j][2]) / 1e6)
+            cursor[item] = j + 1
+        else:
+            extra += 1
+    return (latencies, after_answer, len(changes) - len(latencies),
+            extra)
+
+
+def percentile(values, p):
+    """Nearest-rank percentile of `values` (p in 0..100)."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    k = max(0, min(len(ordered) - 1, -(-len(ordered) * p // 100) - 1))
+    return ordered[int(k)]
+
+
+def wait_until(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f'{what} after {timeout:.0f} s')
+
+
+def bench_replication(ctx):
+    s = ctx.settings
+    say(f'replication: {s.repl_rate} changes/s on node a for '
+        f'{s.repl_seconds:g} s, one SSE stream on node c')
+    folder = os.path.join(ctx.workdir, 'cluster')
+    os.makedirs(folder, exist_ok=True)
+    ports = {n: (free_port(), free_port()) for n in 'ac'}
+    config = os.path.join(folder, 'peers.toml')
+    with open(config, 'w') as f:
+        f.write('database = "sqlite:///cluster.db"\n')
+        for n, (http, repl) in ports.items():
+            f.write(f'\n[nodes.{n}]\nhttp = "127.0.0.1:{http}"\n'
+                    f'replication = "tcp://127.0.0.1:{repl}"\n')
+    db_url = f'sqlite:///{os.path.join(folder, "cluster.db")}'
+    code, out, _ = ctx.procs.run([PY, NODE, 'seed', '--db', db_url],
+                                 'seed-cluster', 120)
+    if code != 0:
+        raise RuntimeError(f'seeding the cluster failed: {out}')
+    nodes = {}
+    try:
+        for n in 'ac':
+            nodes[n] = ctx.procs.start(
+                [PY, NODE, '--config', config, '--node', n], f'node-{n}',
+                env=node_env())
+        for n in 'ac':
+            wait_ready(ctx.procs, nodes[n], ports[n][0])
+        a, c = ports['a'][0], ports['c'][0]
+        wait_until(lambda: all(
+            p['state'] == 'connected' for port in (a, c)
+            for p in api(port, 'GET', '/healthz')[1]['peers'].values()),
+            15, 'the two nodes do not hear each other')
+        chosen = items_below(a, 149, s.repl_items)
+        for product_id in {p for p, _, _ in chosen}:
+            release(a, product_id)
+        for _, item, count in chosen:
+            restock_to(a, item, count, 149)
+        ids = [i for _, i, _ in chosen]
+        wait_until(lambda: all(item_counts(c)[i] == 149 for i in ids), 10,
+                   'node c does not show the prepared counts')
+        time.sleep(1.0)   # no stray event from the preparation
+        result = tap_and_drive(ctx, a, c, ids)
+        result['items_after_c'] = {i: item_counts(c)[i] for i in ids}
+    finally:
+        for proc in nodes.values():
+            ctx.procs.stop(proc)
+    ctx.results['replication'] = result
+    if result['unmatched_changes'] or result['extra_events']:
+        ctx.note(f'replication: {result["unmatched_changes"]} changes '
+                 f'without their event on c, {result["extra_events"]} '
+                 'events without a change')
+    if result['bad_status']:
+        ctx.note(f'replication: {result["bad_status"]} driver requests '
+                 'did not answer 200/201')
+    ctx.note(f'replication: {result["changes"]} changes on {len(ids)} '
+             f'items at {result["rate"]:,.0f}/s achieved (planned '
+             f'{s.repl_rate}/s); p50 {result["p50_ms"]:.2f} ms, max '
+             f'{result["max_ms"]:.2f} ms; node a answered the requests '
+             f'in p50 {result["answer_p50_ms"]:.2f} / p99 '
+             f'{result["answer_p99_ms"]:.2f} ms, and c\'s event came '
+             f'p50 {result["after_answer_p50_ms"]:.2f} / p99 '
+             f'{result["after_answer_p99_ms"]:.2f} ms after that answer; '
+             'driver CPU '
+             f'{result["driver_cpu"]:.2f} s, tap CPU '
+             f'{result["tap_cpu"]:.2f} s')
+    ctx.row(f'replication a -> c SSE, {result["rate"]:,.0f} changes/s, '
+            'p99', result['p99_ms'], None, 'ms', '<= 10 ms',
+            cpu_text(result['driver_cpu'] + result['tap_cpu']),
+            higher_is_better=False, target_value=10)
+    ctx.row('  same, p50', result['p50_ms'], None, 'ms')
+    ctx.row("  of which after a's answer (replication only), p99",
+            result['after_answer_p99_ms'], None, 'ms')
+
+
+def tap_and_drive(ctx, a, c, ids):
+    """A one-stream C client on c records arrivals; drive changes on a."""
+    s = ctx.settings
+    dump = os.path.join(ctx.workdir, 'replication.dump')
+    tap = ctx.procs.start([ctx.client(), '--port', str(c), '--streams',
+                           '1', '--dump', dump], 'tap',
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        ready = tap.stdout.readline().decode()
+        if 'connected=1' not in ready:
+            raise RuntimeError(f'the SSE tap on c said {ready!r}')
+        code, out, driver_cpu = ctx.procs.run(
+            [PY, os.path.join(HERE, 'repl_driver.py'), '--port', str(a),
+             '--items', ','.join(map(str, ids)), '--rate',
+             str(s.repl_rate), '--duration', str(s.repl_seconds)],
+            'driver', s.repl_seconds + 60, env=node_env())
+        if code != 0:
+            raise RuntimeError(f'the driver failed: {out[-2000:]}')
+        time.sleep(1.0)   # the last events on their way to c
+        tap.stdin.write(b'stop\n')
+        tap.stdin.flush()
+        tap.stdout.read()
+        _, tap_cpu = ctx.procs.reap(tap, 30)
+    finally:
+        ctx.procs.stop(tap)
+    changes = json.loads(out.strip().splitlines()[-1])['changes']
+    events = read_dump(dump)
+    latencies, after_answer, unmatched, extra = match_events(changes,
+                                                             events)
+    answer_ms = [(ch[4] - ch[2]) / 1e6 for ch in changes]
+    span = (changes[-1][2] - changes[0][2]) / 1e9 if len(changes) > 1 \
+        else 0
+    return {
+        'changes': len(changes), 'events': len(events),
+        'rate': (len(changes) - 1) / span if span else 0,
+        'planned_rate': s.repl_rate, 'items': ids,
+        'bad_status': sum(1 for ch in changes if ch[3] not in (200, 201)),
+        'unmatched_changes': unmatched, 'extra_events': extra,
+        'p50_ms': percentile(latencies, 50),
+        'p90_ms': percentile(latencies, 90),
+        'p99_ms': percentile(latencies, 99),
+        'max_ms': max(latencies, default=None),
+        'answer_p50_ms': percentile(answer_ms, 50),
+        'answer_p99_ms': percentile(answer_ms, 99),
+        'after_answer_p50_ms': percentile(after_answer, 50),
+        'after_answer_p99_ms': percentile(after_answer, 99),
+        'driver_cpu': driver_cpu, 'tap_cpu': tap_cpu}
+
+
+# ---------------------------------------------------------------------------
+# Cold start
+# ---------------------------------------------------------------------------
+
+def write_catalogue(path, count):
+    """A catalogue of `count` products x 13 sizes, half of them released."""
+    sizes = [f'{n / 2:g}' for n in range(12, 25)]
+    with open(path, 'w') as f:
+        for n in range(count):
+            f.write(f'[[products]]\nsku = "BENCH{n:05d}"\nbrand = "Bench"\n'
+                    f'name = "Runner {n}"\ncolor = "black/white"\n'
+                    f'price_cents = {9000 + n % 50 * 100}\n'
+                    f'image = "shu6000.svg"\n'
+                    f'released = {"true" if n % 2 else "false"}\n\n'
+                    '[products.stock]\n')
+            for k, size in enumerate(sizes):
+                f.write(f'"{size}" = {(n * 37 + k * 101) % 900}\n')
+            f.write('\n')
+
+
+def bulk_seed(ctx, path, count):
+    """Fallback when `seed` is too slow: its schema, rows by executemany."""
+    tiny = os.path.join(ctx.workdir, 'tiny.toml')
+    write_catalogue(tiny, 1)
+    code, out, _ = ctx.procs.run([PY, NODE, 'seed', '--reset', '--db',
+                                  f'sqlite:///{path}', '--catalog', tiny],
+                                 'seed-tiny', 60)
+    if code != 0:
+        raise RuntimeError(f'seed of the schema failed: {out}')
+    sizes = [f'{n / 2:g}' for n in range(12, 25)]
+    with sqlite3.connect(path) as db:
+        for table in ('availability', 'item', 'product'):
+            db.execute(f'DELETE FROM {table}')
+        db.executemany(
+            'INSERT INTO product (id, sku, brand, name, color, price_cents,'
+            ' image, position, released) VALUES (?,?,?,?,?,?,?,?,?)',
+            [(n + 1, f'BENCH{n:05d}', 'Bench', f'Runner {n}', 'black/white',
+              9000 + n % 50 * 100, 'shu6000.svg', n, n % 2)
+             for n in range(count)])
+        db.executemany(
+            'INSERT INTO item (id, product_id, sku, size) VALUES (?,?,?,?)',
+            [(n * 13 + k + 1, n + 1, f'BENCH{n:05d}-{size}', size)
+             for n in range(count) for k, size in enumerate(sizes)])
+        db.executemany(
+            'INSERT INTO availability (item_id, count, version) '
+            'VALUES (?,?,1)',
+            [(n * 13 + k + 1, (n * 37 + k * 101) % 900)
+             for n in range(count) for k in range(13)])
+
+
+def bench_cold_start(ctx):
+    s = ctx.settings
+    say(f'cold_start: {s.cold_products:,} products x 13 sizes, from '
+        'process start to the first /healthz 200')
+    folder = os.path.join(ctx.workdir, 'cold')
+    os.makedirs(folder, exist_ok=True)
+    catalogue = os.path.join(folder, 'catalog.toml')
+    path = os.path.join(folder, 'cold.db')
+    write_catalogue(catalogue, s.cold_products)
+    began = time.monotonic()
+    try:
+        code, out, _ = ctx.procs.run(
+            [PY, NODE, 'seed', '--reset', '--db', f'sqlite:///{path}',
+             '--catalog', catalogue], 'seed-cold', 150)
+        if code != 0:
+            raise RuntimeError(f'seed failed: {out}')
+        how = 'seed'
+    except TimeoutError:
+        ctx.note('cold_start: `seed` took over 150 s; rows bulk-inserted '
+                 'with sqlite3 instead')
+        bulk_seed(ctx, path, s.cold_products)
+        how = 'sqlite3 executemany'
+    seed_s = time.monotonic() - began
+    say(f'  seeded with {how} in {seed_s:.1f} s')
+    starts = []
+    for n in range(s.cold_starts):
+        port = free_port()
+        started = time.monotonic()
+        proc = ctx.procs.start([PY, NODE, 'serve', '--db',
+                                f'sqlite:///{path}', '--port', str(port)],
+                               f'node-cold-{n}', env=node_env())
+        try:
+            ready = wait_ready(ctx.procs, proc, port, timeout=120)
+            rss = rss_kb(proc.pid)
+            _, health = api(port, 'GET', '/healthz')
+        finally:
+            ctx.procs.stop(proc)
+        starts.append({'seconds': ready - started, 'rss_kb': rss,
+                       'products': health.get('products')})
+        say(f'  start {n + 1}: {ready - started:.2f} s, RSS '
+            f'{rss / 1024:.0f} MB, {health.get("products")} products')
+    seconds = statistics.median(x['seconds'] for x in starts)
+    rss_mb = statistics.median(x['rss_kb'] for x in starts) / 1024
+    ctx.results['cold_start'] = {'products': s.cold_products,
+                                 'seed_seconds': seed_s, 'seeded_by': how,
+                                 'starts': starts, 'median_s': seconds}
+    if any(x['products'] != s.cold_products for x in starts):
+        ctx.note('cold_start: the node did not load every product')
+    ctx.row(f'cold start, {s.cold_products:,} products x 13 sizes '
+            f'(median of {s.cold_starts})', seconds, None, 's', '<= 3 s',
+            higher_is_better=False, target_value=3)
+    ctx.row('  its RSS once ready', rss_mb, None, 'MB')
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+def machine():
+    model = ''
+    with open('/proc/cpuinfo') as f:
+        for line in f:
+            if line.startswith('model name'):
+                model = line.split(':', 1)[1].strip()
+                break
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'],
+                            cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--',
+                            'sneakers23.py'], cwd=ROOT,
+                           capture_output=True, text=True)
+    wrk_version = subprocess.run(['wrk', '-v'], capture_output=True,
+                                 text=True).stdout.split('\n')[0]
+    return {
+        'date': datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC'),
+        'nproc': len(os.sched_getaffinity(0)), 'cpu': model,
+        'python': platform.python_version(),
+        'kernel': platform.release(),
+        'commit': commit.stdout.strip() + (' (sneakers23.py modified)'
+                                           if dirty.stdout.strip() else ''),
+        'wrk': wrk_version.split(' Copyright')[0],
+        'loadavg': loadavg(), 'pressure_avg10': pressure(),
+        'busy_before': round(cpu_busy(), 3)}
+
+
+def loadavg():
+    with open('/proc/loadavg') as f:
+        return f.read().split()[:3]
+
+
+def fmt(value, unit):
+    if value is None:
+        return '-'
+    if unit == 'ms' and value < 10:
+        return f'{value:.2f} ms'
+    if unit in ('ms', 'KB', 'MB'):
+        return f'{value:,.1f} {unit}'
+    if unit == 's':
+        return f'{value:.2f} s'
+    return f'{value:,.0f}/s'
+
+
+def table(rows):
+    head = ('figure', 'sneakers23', 'baseline', 'ratio', 'target',
+            'client CPU')
+    lines = [head]
+    for r in rows:
+        ratio = f'{r["ratio"]:.2f}x' if r['ratio'] is not None else '-'
+        target = r['target'] or '-'
+        if r['target_met']:
+            target += f' ({r["target_met"]})'
+        lines.append((r['figure'], fmt(r['sneakers23'], r['unit']),
+                      fmt(r['baseline'], r['unit']), ratio, target,
+                      r['client_cpu'] or '-'))
+    widths = [max(len(line[k]) for line in lines) for k in range(6)]
+    out = []
+    for n, line in enumerate(lines):
+        cells = [line[0].ljust(widths[0])] + [
+            line[k].rjust(widths[k]) if k < 4 else line[k].ljust(widths[k])
+            for k in range(1, 6)]
+        out.append(' | '.join(cells).rstrip())
+        if n == 0:
+            out.append('-+-'.join('-' * w for w in widths))
+    return '\n'.join(out)
+
+
+BENCHES = {'sse': bench_sse, 'purchases_sqlite': bench_purchases_sqlite,
+           'sold_out': bench_sold_out, 'reads': bench_reads,
+           'purchases_pg': bench_purchases_pg,
+           'replication': bench_replication, 'cold_start': bench_cold_start}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description='sneakers23 benchmarks, each beside its baseline')
+    parser.add_argument('names', nargs='*', metavar='NAME',
+                        help=f'benchmarks to run (default all): '
+                             f'{", ".join(NAMES)}')
+    parser.add_argument('--quick', action='store_true',
+                        help='a small run to smoke-test the harness')
+    parser.add_argument('--streams', type=int,
+                        help='SSE streams (default 10,000; quick 1,000)')
+    parser.add_argument('--pg', default=PG_URL,
+                        help=f'PostgreSQL for purchases_pg (its sneakers23 '
+                             f'tables are dropped!) default {PG_URL}')
+    parser.add_argument('--force-pg', action='store_true',
+                        help='run purchases_pg even when other sessions '
+                             'use that database')
+    parser.add_argument('--wait-quiet', type=float, default=30,
+                        metavar='S',
+                        help='before each benchmark, wait up to S seconds '
+                             'for the CPUs to be idle (default 30)')
+    parser.add_argument('--json', default=os.path.join(RESULTS,
+                                                       'latest.json'),
+                        help='where to write the results')
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in NAMES]
+    if unknown:
+        parser.error(f'unknown benchmark {", ".join(unknown)}; choose '
+                     f'from {", ".join(NAMES)}')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    settings = QUICK if args.quick else Settings()
+    if args.streams:
+        settings.streams = args.streams
+    names = [n for n in NAMES if n in (args.names or NAMES)]
+    info = machine()
+    print(f'sneakers23 benchmarks{" (quick)" if args.quick else ""} - '
+          f'{info["date"]}\nmachine: {info["nproc"]} CPUs, {info["cpu"]}, '
+          f'Linux {info["kernel"]}, Python {info["python"]}, '
+          f'{info["wrk"]}\nsneakers23 at {info["commit"]}; at start: '
+          f'load average {" ".join(info["loadavg"])}, CPUs '
+          f'{info["busy_before"]:.0%} busy, pressure (avg10 %) '
+          f'{info["pressure_avg10"]}', flush=True)
+    workdir = tempfile.mkdtemp(prefix='sneakers23-bench-')
+    ctx = Context(settings, args, workdir)
+    errors = {}
+    began = time.monotonic()
+    foreign = ctx.monitor = ForeignCpu(ctx.procs)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(1))
+    try:
+        for name in names:
+            if name not in SQLITE_GROUP:
+                ctx.stop_sqlite_node()
+            wait_quiet(ctx, name)
+            t0, foreign0 = time.monotonic(), foreign.total
+            ticks0 = cpu_ticks()
+            try:
+                BENCHES[name](ctx)
+            except Exception as e:
+                errors[name] = f'{type(e).__name__}: {e}'
+                say(f'{name} FAILED: {errors[name]}')
+                traceback.print_exc()
+                ctx.procs.stop_all()
+                ctx.sqlite = None
+            took = time.monotonic() - t0
+            other = foreign.total - foreign0
+            ticks1 = cpu_ticks()
+            steal = (ticks1[1] - ticks0[1]) / max(1, ticks1[0] - ticks0[0])
+            ctx.foreign[name] = {'seconds': round(took, 1),
+                                 'others_cpu_s': round(other, 2),
+                                 'steal': round(steal, 3)}
+            share = other / (took * info['nproc'])
+            say(f'  ({name}: {took:.0f} s; other processes used '
+                f'{other:.1f} CPU-s = {share:.0%} of the machine; '
+                f'hypervisor steal {steal:.0%})')
+            if share > 0.05:
+                ctx.note(f'{name}: other processes used {other:.1f} CPU-s '
+                         f'({share:.0%} of the machine) while it ran')
+            if steal > 0.05:
+                ctx.note(f'{name}: the hypervisor took {steal:.0%} of the '
+                         'CPU time (steal) while it ran')
+    finally:
+        foreign.stop()
+        ctx.procs.stop_all()
+    elapsed = time.monotonic() - began
+    print()
+    print(table(ctx.rows))
+    print()
+    print('client CPU: user+system seconds of the load generator (wrk, the '
+          'C SSE client,\nthe replication driver + tap) in the sneakers23 '
+          'run | in the baseline run.')
+    for text in ctx.notes:
+        print(f'- {text}')
+    for name, error in errors.items():
+        print(f'- {name} FAILED: {error}')
+    print(f'done in {elapsed:.0f} s; load average '
+          f'{" ".join(loadavg())} at the end')
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, 'w') as f:
+        json.dump({'machine': info, 'quick': args.quick,
+                   'settings': vars(settings), 'rows': ctx.rows,
+                   'notes': ctx.notes, 'errors': errors,
+                   'busy_before': ctx.busy,
+                   'other_processes': ctx.foreign,
+                   'results': ctx.results, 'seconds': elapsed}, f,
+                  indent=2, default=str)
+    print(f'results written to {os.path.relpath(args.json, ROOT)}')
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if errors else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
