@@ -305,15 +305,26 @@ class Availability(BaseModel):
     version = IntegerField(default=1)
 
     @classmethod
-    def take_one(cls, item_id):
-        """Decrement an item's count if it is above 0: (count, version)."""
+    def count_for_update(cls, item_id):
+        """An item's count, locked until the transaction ends."""
+        query = cls.select(cls.count).where(cls.item == item_id)
+        if db.for_update:  # SQLite: BEGIN IMMEDIATE already locks
+            query = query.for_update()
+        return query.scalar()
+
+    @classmethod
+    def take(cls, item_id, pairs):
+        """Decrement an item's count by `pairs` if it has them."""
         rows = (cls
-                .update(count=cls.count - 1, version=cls.version + 1)
-                .where((cls.item == item_id) & (cls.count > 0))
+                .update(count=cls.count - pairs, version=cls.version + 1)
+                .where((cls.item == item_id) & (cls.count >= pairs))
                 .returning(cls.count, cls.version)
                 .tuples()
                 .execute())
-        return next(iter(rows), None)
+        row = next(iter(rows), None)
+        if row is None:
+            raise IntegrityError(f'item {item_id} has fewer than {pairs}')
+        return row
 
     @classmethod
     def add(cls, item_id, count):
@@ -338,6 +349,22 @@ class Order(BaseModel):
         table_name = 'orders'
         indexes = ((('shopper', 'product'), True),)
 
+    @classmethod
+    def place_many(cls, purchases, node):
+        """Insert order rows, skipping shoppers who have one for the
+        product already: {shopper: order id} of the rows inserted."""
+        if not purchases:
+            return {}
+        rows = (cls
+                .insert_many([{'item': p.item_id, 'product': p.product_id,
+                               'shopper': p.shopper, 'node': node,
+                               'created_at': utcnow()} for p in purchases])
+                .on_conflict_ignore()
+                .returning(cls.id, cls.shopper)
+                .tuples()
+                .execute())
+        return {shopper: order_id for order_id, shopper in rows}
+
 
 class Setting(BaseModel):
     """Store-wide values every node shares, such as the cookie key."""
@@ -355,13 +382,23 @@ class Setting(BaseModel):
 MODELS = (Product, Item, Availability, Order, Setting)
 
 
-@dataclass
+@dataclass(eq=False)
 class Purchase:
     """One shopper's request for one item, on its way to the database."""
 
     item_id: int
     product_id: int
     shopper: str
+    result: gevent.event.AsyncResult = field(
+        default_factory=gevent.event.AsyncResult)
+
+
+@dataclass(eq=False)
+class Write:
+    """Any other write (a release, a restock) riding the next batch."""
+
+    fn: object
+    args: tuple
     result: gevent.event.AsyncResult = field(
         default_factory=gevent.event.AsyncResult)
 
@@ -376,33 +413,79 @@ class Placed:
 SOLD_OUT, ALREADY_PURCHASED = 'sold_out', 'already_purchased'
 
 
-def place_orders(purchases, node):
-    """Commit a batch of purchases in one transaction; one outcome each.
+def commit_batch(purchases, writes, node):
+    """Everything that arrived together, in one transaction (group commit).
 
-    Rows are touched in item order so that concurrent batches (other
-    connections, other nodes) always lock in the same order.
+    Returns (what each write returned or raised, each purchase's outcome).
     """
+    with db.atomic():
+        done = [_in_savepoint(w.fn, *w.args) for w in writes]
+        return done, place_orders(purchases, node)
+
+
+def _in_savepoint(fn, *args):
+    """`fn(*args)`, or the database error it raised (rolled back alone)."""
+    try:
+        with db.atomic():
+            return fn(*args)
+    except DatabaseError as e:
+        return e
+
+
+def place_orders(purchases, node):
+    """Place a batch of purchases; one outcome each, in their order.
+
+    Items are locked in id order so that concurrent batches (other
+    connections, other nodes) never deadlock.
+    """
+    by_item = {}
+    for p in purchases:
+        by_item.setdefault(p.item_id, []).append(p)
     outcomes = {}
     with db.atomic():
-        for p in sorted(purchases, key=lambda p: p.item_id):
-            outcomes[id(p)] = _place_order(p, node)
+        for item_id in sorted(by_item):
+            outcomes.update(_place_item_orders(item_id, by_item[item_id],
+                                               node))
     return [outcomes[id(p)] for p in purchases]
 
 
-def _place_order(p, node):
-    """Conditional decrement plus the order row, in one savepoint."""
-    try:
-        with db.atomic():
-            row = Availability.take_one(p.item_id)
-            if row is None:
-                return SOLD_OUT
-            order_id = (Order
-                        .insert(item=p.item_id, product=p.product_id,
-                                shopper=p.shopper, node=node)
-                        .execute())
-            return Placed(order_id, *row)
-    except IntegrityError:
-        return ALREADY_PURCHASED
+def _place_item_orders(item_id, group, node):
+    """All purchases of one item: three statements, however many buyers.
+
+    Lock the count, insert the order rows (a shopper who already has a
+    pair of this product gets none), then one conditional decrement.
+    """
+    left = Availability.count_for_update(item_id) or 0
+    outcomes, placed, waiting = {}, [], list(group)
+    while waiting and len(placed) < left:
+        take, waiting = (waiting[:left - len(placed)],
+                         waiting[left - len(placed):])
+        fresh = _first_per_shopper(take, outcomes)
+        order_ids = Order.place_many(fresh, node)
+        for p in fresh:
+            if p.shopper in order_ids:
+                placed.append((p, order_ids[p.shopper]))
+            else:
+                outcomes[id(p)] = ALREADY_PURCHASED
+    for p in waiting:
+        outcomes[id(p)] = SOLD_OUT
+    if placed:
+        count, version = Availability.take(item_id, len(placed))
+        for p, order_id in placed:
+            outcomes[id(p)] = Placed(order_id, count, version)
+    return outcomes
+
+
+def _first_per_shopper(purchases, outcomes):
+    """Drop a shopper's second purchase in the same batch."""
+    seen, fresh = set(), []
+    for p in purchases:
+        if p.shopper in seen:
+            outcomes[id(p)] = ALREADY_PURCHASED
+        else:
+            seen.add(p.shopper)
+            fresh.append(p)
+    return fresh
 
 
 def catalogue_rows():
@@ -677,9 +760,9 @@ class DatabaseRunner:
 class Store:
     """The node's write path: database first, then memory.
 
-    Purchases queue here and are committed in batches (group commit):
-    everything that arrived while the previous batch was in the database
-    goes into the next transaction.
+    Purchases, releases and restocks queue here and are committed in
+    batches (group commit): everything that arrived while the previous
+    batch was in the database goes into the next transaction.
     """
 
     def __init__(self, runner, inventory, node):
@@ -711,12 +794,12 @@ class Store:
     def release(self, product_id):
         """Release a product; True if this call released it."""
         at = utcnow()
-        self.runner.run(_atomic, Product.release, product_id, at)
+        self._write(Product.release, product_id, at)
         return self.inventory.product_released(product_id, at)
 
     def restock(self, item_id, count):
         """Add pairs to an item; returns its new count."""
-        row = self.runner.run(_atomic, Availability.add, item_id, count)
+        row = self._write(Availability.add, item_id, count)
         if row is None:
             raise ApiError(404, 'not_found')
         self.inventory.item_changed(item_id, *row)
@@ -727,6 +810,12 @@ class Store:
         gevent.killall(self._workers)
         self.runner.close()
 
+    def _write(self, fn, *args):
+        """Run `fn(*args)` in the next batch's transaction; its result."""
+        write = Write(fn, args)
+        self._queue.put(write)
+        return write.result.get()
+
     def _commit_loop(self):
         while True:
             batch = [self._queue.get()]
@@ -735,20 +824,30 @@ class Store:
             try:
                 self._commit(batch)
             except Exception as e:
-                logger.exception('purchase batch of %d failed', len(batch))
-                for p in batch:
-                    if not p.result.ready():
-                        p.result.set_exception(Unavailable(str(e)))
+                logger.exception('a batch of %d writes failed', len(batch))
+                for job in batch:
+                    if not job.result.ready():
+                        job.result.set_exception(Unavailable(str(e)))
 
     def _commit(self, batch):
-        outcomes = self.runner.run(place_orders, batch, self.node)
-        for purchase, outcome in zip(batch, outcomes, strict=True):
+        purchases = [job for job in batch if isinstance(job, Purchase)]
+        writes = [job for job in batch if isinstance(job, Write)]
+        done, outcomes = self.runner.run(commit_batch, purchases, writes,
+                                         self.node)
+        for write, result in zip(writes, done, strict=True):
+            if isinstance(result, DatabaseError):
+                write.result.set_exception(Unavailable(str(result)))
+            else:
+                write.result.set(result)
+        for purchase, outcome in zip(purchases, outcomes, strict=True):
             if isinstance(outcome, Placed):
                 self.inventory.item_changed(
                     purchase.item_id, outcome.count, outcome.version)
-            elif outcome == SOLD_OUT:
-                self._note_sold_out(purchase.item_id)
             purchase.result.set(outcome)
+        for item_id in {p.item_id for p, o in zip(purchases, outcomes,
+                                                  strict=True)
+                        if o == SOLD_OUT}:
+            self._note_sold_out(item_id)
 
     def _note_sold_out(self, item_id):
         """The database says 0: make sure memory agrees."""
@@ -764,12 +863,6 @@ class Store:
             .where(Availability.item == item_id).tuples().first())
         if row is not None:
             self.inventory.item_changed(item_id, *row)
-
-
-def _atomic(fn, *args):
-    """Call `fn` inside a transaction."""
-    with db.atomic():
-        return fn(*args)
 
 
 # ---------------------------------------------------------------------------
@@ -954,16 +1047,33 @@ class EventHub:
                 logger.exception('SSE fan-out failed')
 
     def _fan_out(self):
-        """Send every stream the events after its cursor."""
+        """Send every stream the events after its cursor.
+
+        The hot loop of a drop: streams at the same cursor with the same
+        filter share one bytes object, and a send the kernel takes whole
+        (the usual case) costs one syscall and nothing else.
+        """
         target, chunks = self.seq, {}
         for n, stream in enumerate(list(self._streams), 1):
-            if stream.cursor >= target or stream.sock is None:
+            if stream.cursor >= target:
                 continue
             key = (stream.cursor, stream.products)
+            chunk = chunks.get(key, b'')
             if key not in chunks:
-                chunks[key] = self._since(stream.cursor, stream.products)
+                chunk = chunks[key] = self._since(*key)
             stream.cursor = target
-            self._send(stream, chunks[key])
+            if stream.pending or chunk is None:
+                self._send(stream, chunk)
+            elif chunk:
+                try:
+                    sent = stream.sock.send(chunk)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._close(stream)
+                    continue
+                if sent < len(chunk):
+                    self._send(stream, chunk[sent:])
             if n % SSE_FAN_OUT_SLICE == 0:
                 gevent.sleep(0)  # let purchases and requests run
 
@@ -977,11 +1087,11 @@ class EventHub:
         """Write without ever waiting; keep the rest, bounded."""
         if data is None:  # it fell out of the ring: resume impossible
             return self._close(stream, cut_off=True)
-        if stream.pending:
-            stream.pending += data
-        else:
-            stream.pending = data
+        stream.pending += data
+        if stream.writer is None:
             self._flush(stream)
+        if stream not in self._streams:
+            return
         if len(stream.pending) > SSE_MAX_PENDING:
             self._close(stream, cut_off=True)
         elif stream.pending and stream.writer is None:
@@ -1528,13 +1638,16 @@ class Handler(WSGIHandler):
 def make_server(app, host, port):
     """The gevent WSGI server of a node, listening but not serving yet.
 
-    Accepted sockets inherit a fixed send buffer: without it Linux grows
-    the buffer of a client that stopped reading to 4 MB before the hub
-    sees anything pending (and can cut the client off).
+    Accepted sockets inherit the listener's options. A fixed send buffer:
+    without it Linux grows the buffer of a client that stopped reading to
+    4 MB before the hub sees anything pending (and can cut it off).
     """
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SO_SNDBUF)
+    # pywsgi sends headers and body in two writes: without NODELAY, Nagle
+    # holds the body of a keep-alive answer for the client's delayed ACK.
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         listener.bind((host, port))
     except OSError as e:
@@ -1597,15 +1710,14 @@ def _events(node):
 
 def _purchase(node):
     item_id = positive_int(json_body(), 'item_id')
-    shopper = _shopper(node)
     item = node.inventory.items.get(item_id)
     if item is None:
         raise ApiError(404, 'not_found')
     if not node.inventory.products[item.product_id].released:
         raise ApiError(403, 'not_released')
     if item.count <= 0:
-        raise ApiError(409, SOLD_OUT)
-    outcome = node.store.buy(item, shopper)
+        raise ApiError(409, SOLD_OUT)  # from memory, no database trip
+    outcome = node.store.buy(item, _shopper(node))
     if not isinstance(outcome, Placed):
         raise ApiError(409, outcome)
     return json_response(201, {'order_id': outcome.order_id,
@@ -1619,9 +1731,11 @@ def _shopper(node):
     shopper = unsign(signed, node.cookie_key)
     if shopper is None:
         shopper = secrets.token_urlsafe(16)
-        bottle.response.set_cookie(
-            SHOPPER_COOKIE, sign(shopper, node.cookie_key), path='/',
-            httponly=True, samesite='Lax', max_age=SHOPPER_MAX_AGE)
+        # Written by hand: the value is URL-safe, and Bottle's cookie
+        # machinery costs more than the rest of a sold-out answer.
+        bottle.response.add_header(
+            'Set-Cookie', f'{SHOPPER_COOKIE}={sign(shopper, node.cookie_key)}'
+            f'; Max-Age={SHOPPER_MAX_AGE}; Path=/; HttpOnly; SameSite=Lax')
     return shopper
 
 

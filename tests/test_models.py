@@ -56,7 +56,8 @@ def test_batch_sells_until_zero_and_never_below(database):
 
     assert [type(o).__name__ for o in outcomes[:3]] == ['Placed'] * 3
     assert outcomes[3:] == [SOLD_OUT, SOLD_OUT]
-    assert [o.count for o in outcomes[:3]] == [2, 1, 0]
+    assert {(o.count, o.version) for o in outcomes[:3]} == {(0, 2)}
+    assert len({o.order_id for o in outcomes[:3]}) == 3
     assert stock(item.id) == 0
     assert Order.select().where(Order.item == item).count() == 3
 
@@ -83,7 +84,7 @@ def test_second_pair_of_a_product_rolls_back_only_itself(database):
 def test_versions_grow_with_every_change(database):
     item = Item.get(Item.sku == 'SHU6000-9')
     version = Availability.get(Availability.item == item).version
-    _, after_sale = Availability.take_one(item.id)
+    _, after_sale = Availability.take(item.id, 1)
     count, after_restock = Availability.add(item.id, 10)
     assert (after_sale, after_restock) == (version + 1, version + 2)
     assert count == stock(item.id)
@@ -103,3 +104,26 @@ def test_release_is_recorded_once(database):
     assert Product.release(1, sneakers23.utcnow()) is False
     product = Product.get_by_id(1)
     assert product.released and product.release_at == at
+
+
+def test_a_refused_buyer_leaves_the_pair_to_the_next(database):
+    item = Item.get(Item.sku == 'SHU6000-12')
+    other = Item.get(Item.sku == 'SHU6000-11')
+    Availability.update(count=2).where(Availability.item == item).execute()
+    place_orders([Purchase(other.id, 1, 'has-one')], 'a')
+    batch = [Purchase(item.id, 1, 'has-one'),     # already has a pair
+             Purchase(item.id, 1, 'twice'),
+             Purchase(item.id, 1, 'twice'),       # same batch, same shopper
+             Purchase(item.id, 1, 'third'),
+             Purchase(item.id, 1, 'fourth')]      # nothing left for them
+
+    outcomes = place_orders(batch, 'a')
+
+    assert outcomes[0] == ALREADY_PURCHASED
+    assert isinstance(outcomes[1], Placed)
+    assert outcomes[2] == ALREADY_PURCHASED
+    assert isinstance(outcomes[3], Placed)
+    assert outcomes[4] == SOLD_OUT
+    assert stock(item.id) == 0
+    shoppers = {o.shopper for o in Order.select().where(Order.item == item)}
+    assert shoppers == {'twice', 'third'}
