@@ -341,13 +341,17 @@ class Order(BaseModel):
     def place_many(cls, purchases, node):
         """Insert order rows, skipping shoppers who have one for the
         product already: {shopper: order id} of the rows inserted."""
-        if not purchases:
-            return {}
-        now = utcnow()
-        values = [value for p in purchases for value in
-                  (p.item_id, p.product_id, p.shopper, node, now)]
-        return {shopper: order_id
-                for order_id, shopper in cls._insert_rows.rows(*values)}
+        placed, now, start = {}, utcnow(), 0
+        while start < len(purchases):
+            # Row counts in powers of two: few statements to prepare.
+            size = 1 << ((len(purchases) - start).bit_length() - 1)
+            values = [value for p in purchases[start:start + size]
+                      for value in (p.item_id, p.product_id, p.shopper,
+                                    node, now)]
+            placed.update((shopper, order_id) for order_id, shopper
+                          in cls._insert_rows.rows(*values))
+            start += size
+        return placed
 
 
 def _first(rows):
@@ -1646,13 +1650,21 @@ def json_response(status, data, **headers):
 
 
 def json_body(required_type=dict):
-    """The request's JSON object, or an ApiError saying what is wrong."""
-    ctype = bottle.request.content_type.split(';')[0].strip().lower()
-    if ctype != 'application/json':
+    """The request's JSON object, or an ApiError saying what is wrong.
+
+    Read from the WSGI environ: Bottle's `request.body` copies the body
+    into a buffer first, a third of the cost of a sold-out answer.
+    """
+    environ = bottle.request.environ
+    ctype = environ.get('CONTENT_TYPE', '').partition(';')[0]
+    if ctype.strip().lower() != 'application/json':
         raise ApiError(415, 'content type must be application/json')
-    if (bottle.request.content_length or 0) > MAX_BODY:
+    length = environ.get('CONTENT_LENGTH') or '0'
+    if not length.isdigit():
+        raise ApiError(400, 'bad Content-Length')
+    if int(length) > MAX_BODY:
         raise ApiError(413, 'body too large')
-    raw = bottle.request.body.read(MAX_BODY + 1)
+    raw = environ['wsgi.input'].read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise ApiError(413, 'body too large')
     try:
