@@ -722,3 +722,28 @@ def test_disconnected_client_is_removed(sqlite_node, sse):
     wait_until(gone, 5, 'the closed stream was dropped')
     assert stayer.named('stock_change')
     assert streams(node) == 1
+
+
+def test_big_fan_outs_share_the_sends_with_a_thread(monkeypatch,
+                                                     served_hub):
+    """Above SSE_THREAD_FROM streams half the sends go to a native
+    thread: every stream still gets every event once, in order."""
+    monkeypatch.setattr(sneakers23, 'SSE_THREAD_FROM', 2)
+    monkeypatch.setattr(sneakers23, 'SSE_FAN_OUT_SLICE', 2)
+    hub, server = served_hub(buffer_size=64)
+    clients = [SSEClient(server.url) for _ in range(7)]
+    try:
+        wait_until(lambda: hub.open_streams == 7, 2, 'seven streams open')
+        ids = publish_n(hub, 10)
+        clients[3].close()          # one leaves while events flow
+        ids += publish_n(hub, 10)
+        for n, client in enumerate(clients):
+            if n == 3:
+                continue
+            wait_until(lambda c=client: len(c.events) == 20, 2,
+                       f'client {n} got all 20 events')
+            assert [e['id'] for e in client.events] == ids
+        wait_until(lambda: hub.open_streams == 6, 2, 'the leaver removed')
+    finally:
+        for client in clients:
+            client.close()
