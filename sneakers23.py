@@ -2054,12 +2054,12 @@ def serve(config):
         raise ConfigError(f'cannot use the database '
                           f'{redact(config.db_url)}: {_first_line(e)}') \
             from None
-    server.start()
-    print(f'sneakers23 node {config.node} serving on '
-          f'http://{config.host}:{config.port}', flush=True)
     stopped = gevent.event.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, stopped.set)
+    server.start()
+    print(f'sneakers23 node {config.node} serving on '
+          f'http://{config.host}:{config.port}', flush=True)
     stopped.wait()
     server.stop(timeout=1)
     app.node.stop()
