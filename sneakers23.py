@@ -69,12 +69,18 @@ logger = logging.getLogger('sneakers23')
 # Configuration
 # ---------------------------------------------------------------------------
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# A one-file build (PyInstaller) unpacks views/, static/ and data/ into
+# sys._MEIPASS; its database goes to the user's data folder instead.
+FROZEN = getattr(sys, 'frozen', False)
+HERE = getattr(sys, '_MEIPASS', os.path.dirname(os.path.abspath(__file__)))
 VIEWS_DIR = os.path.join(HERE, 'views')
 STATIC_DIR = os.path.join(HERE, 'static')
 DATA_DIR = os.path.join(HERE, 'data')
 CATALOG_PATH = os.path.join(DATA_DIR, 'catalog.toml')
-DEFAULT_DB_URL = f"sqlite:///{os.path.join(DATA_DIR, 'sneakers23.db')}"
+XDG_DATA_HOME = (os.environ.get('XDG_DATA_HOME')
+                 or os.path.expanduser('~/.local/share'))
+DB_DIR = os.path.join(XDG_DATA_HOME, 'sneakers23') if FROZEN else DATA_DIR
+DEFAULT_DB_URL = f"sqlite:///{os.path.join(DB_DIR, 'sneakers23.db')}"
 DEFAULT_HOST, DEFAULT_PORT = '127.0.0.1', 8023
 DEFAULT_URL = f'http://{DEFAULT_HOST}:{DEFAULT_PORT}'
 
@@ -224,6 +230,8 @@ def _open_sqlite(path):
     if not path:
         raise ConfigError('a SQLite URL needs a path: sqlite:///data/x.db')
     folder = os.path.dirname(os.path.abspath(path))
+    if folder == DB_DIR:
+        os.makedirs(folder, exist_ok=True)  # the default place: make it
     if not os.path.isdir(folder):
         raise ConfigError(f'no such folder for the database: {folder}')
     pragmas = {'journal_mode': 'wal', 'synchronous': 'full',
