@@ -95,6 +95,8 @@ MAX_RESTOCK = 1_000_000
 MAX_BATCH = 256
 PG_POOL_SIZE = 4
 SQLITE_LOCK_WAIT = 5.0
+LAG_PROBE_INTERVAL = 0.05
+LAG_WINDOW = 10.0
 SQLITE_LOCK_RETRY = 0.002
 
 SSE_RETRY_MS = 2000
@@ -1617,6 +1619,38 @@ def price(cents):
     return f'${cents / 100:,.2f}'
 
 
+class LagProbe:
+    """How late the gevent hub wakes a sleeping greenlet: a stalled hub
+    (blocking I/O, long CPU work) shows here, in /healthz."""
+
+    def __init__(self, interval=LAG_PROBE_INTERVAL, window=LAG_WINDOW):
+        self.interval = interval
+        self._lateness = deque(maxlen=int(window / interval))
+        self._shutdown = gevent.event.Event()
+        self._greenlet = None
+
+    def start(self):
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self):
+        self._shutdown.set()
+
+    def stats(self):
+        """The latest and the worst lateness in the window, in ms."""
+        worst = max(self._lateness, default=0.0)
+        latest = self._lateness[-1] if self._lateness else 0.0
+        return {'latest': round(latest * 1000, 1),
+                'max_10s': round(worst * 1000, 1)}
+
+    def _run(self):
+        while True:
+            asleep = time.perf_counter()
+            if self._shutdown.wait(self.interval):
+                return
+            late = time.perf_counter() - asleep - self.interval
+            self._lateness.append(max(0.0, late))
+
+
 class Node:
     """One running store node: database, memory, events, web app."""
 
@@ -1633,6 +1667,7 @@ class Node:
         if config.replication:
             self.replicator = Replicator(config, self.inventory, self.store)
         self.cookie_key = ''
+        self.lag = LagProbe()
         self._cache = {}
 
     def start(self):
@@ -1642,8 +1677,10 @@ class Node:
         self.hub.start()
         if self.replicator:
             self.replicator.start()
+        self.lag.start()
 
     def stop(self):
+        self.lag.stop()
         if self.replicator:
             self.replicator.stop()
         self.hub.stop()
@@ -1655,7 +1692,8 @@ class Node:
         return {'node': self.config.node, 'db': redact(self.config.db_url),
                 'peers': peers, 'streams': self.hub.open_streams,
                 'products': len(self.inventory.products),
-                'event_id': self.hub.last_event_id}
+                'event_id': self.hub.last_event_id,
+                'hub_lag_ms': self.lag.stats()}
 
     def _prepare_database(self):
         try:

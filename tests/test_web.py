@@ -1,8 +1,10 @@
 """The HTTP API and page of one real node, as shoppers and operators use it."""
 
 import re
+import time
 from collections import Counter
 
+import gevent
 import pytest
 from conftest import (
     TOKEN,
@@ -275,6 +277,21 @@ def test_healthz(sqlite_node):
     assert status == 200
     assert {'node', 'db', 'peers'} <= set(health)
     assert health['node'] == 'a'
+    assert 0 <= health['hub_lag_ms']['latest'] <= health['hub_lag_ms'][
+        'max_10s']
+
+
+def test_lag_probe_sees_a_stalled_hub():
+    probe = sneakers23.LagProbe(interval=0.01, window=1)
+    probe.start()
+    gevent.sleep(0.05)
+    assert probe.stats()['max_10s'] < 100
+    busy_until = time.perf_counter() + 0.2
+    while time.perf_counter() < busy_until:
+        pass  # CPU work that never yields: the hub cannot run
+    gevent.sleep(0.05)
+    assert probe.stats()['max_10s'] >= 150
+    probe.stop()
 
 
 def test_templates_escape_catalogue_text():
