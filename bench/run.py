@@ -627,12 +627,22 @@ def bench_purchases_sqlite(ctx):
                             (item,)).fetchone()[0]
     result.update(sold=sold, orders=orders)
     check_sold(ctx, 'purchases_sqlite', result)
+    hub_stall(ctx, port, 'purchases_sqlite', result)
     base = node['healthz']
     ctx.results['purchases_sqlite'] = result
     ctx.row('purchases/s, one hot item, SQLite (201s) vs /healthz',
             result['ok_per_s'], base['rps'], 'req/s', '>= 0.6x',
             cpu_text(result['client_cpu'], base['client_cpu']),
             target_ratio=0.6)
+
+
+def hub_stall(ctx, port, name, result):
+    """The node's worst hub lag of the last 10 s (the wrk run): how long
+    its gevent hub could not run, from /healthz."""
+    lag = api(port, 'GET', '/healthz')[1]['hub_lag_ms']['max_10s']
+    result['hub_lag_max_ms'] = lag
+    ctx.note(f'{name}: the node\'s hub ran a 50 ms timer at most {lag} ms '
+             'late during the run (/healthz hub_lag_ms)')
 
 
 def check_sold(ctx, name, result):
@@ -808,6 +818,7 @@ def run_pg(ctx, psycopg2, url):
                      server=proc)
         time.sleep(0.5)
         result['sold'] = HOT_STOCK - item_counts(port)[hot]
+        hub_stall(ctx, port, 'purchases_pg', result)
     finally:
         ctx.procs.stop(proc)
     result['orders'] = pg_query(psycopg2, url, 'SELECT count(*) FROM orders '
