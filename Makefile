@@ -21,11 +21,11 @@ cluster: $(STAMP)
 	@SNEAKERS23_ADMIN_TOKEN=$${SNEAKERS23_ADMIN_TOKEN:-$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(24))')}; \
 	export SNEAKERS23_ADMIN_TOKEN; \
 	echo "admin token for the cluster: $$SNEAKERS23_ADMIN_TOKEN"; \
-	trap 'kill 0' INT TERM; \
+	trap 'kill $$(jobs -p) 2>/dev/null' INT TERM; \
 	for node in a b c; do \
 	  $(PY) sneakers23.py --config peers.toml --node $$node & \
 	done; \
-	wait
+	wait; wait
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sneakers23.py tests bench
