@@ -40,7 +40,6 @@ import bottle
 import gevent
 import gevent.event
 import gevent.lock
-import gevent.pool
 import gevent.queue
 import gevent.threadpool
 import zmq.green as zmq
@@ -86,7 +85,6 @@ DEFAULT_URL = f'http://{DEFAULT_HOST}:{DEFAULT_PORT}'
 
 SIZES = tuple(f'{n / 2:g}' for n in range(12, 25))
 LEVEL_THRESHOLDS = ((150, 'low'), (500, 'medium'))
-LEVELS = ('out', 'low', 'medium', 'high')
 
 SHOPPER_COOKIE = 's23_shopper'
 SHOPPER_MAX_AGE = 90 * 24 * 3600
@@ -95,9 +93,9 @@ MAX_RESTOCK = 1_000_000
 MAX_BATCH = 256
 PG_POOL_SIZE = 4
 SQLITE_LOCK_WAIT = 5.0
+SQLITE_LOCK_RETRY = 0.002
 LAG_PROBE_INTERVAL = 0.05
 LAG_WINDOW = 10.0
-SQLITE_LOCK_RETRY = 0.002
 
 SSE_RETRY_MS = 2000
 SSE_KEEPALIVE = 15.0
@@ -173,6 +171,10 @@ def load_cluster(path, node):
     if node not in nodes:
         known = ', '.join(sorted(nodes)) or 'none'
         raise ConfigError(f'node {node!r} is not in {path} (nodes: {known})')
+    for name, spec in nodes.items():
+        if not str(spec.get('replication', '')).startswith('tcp://'):
+            raise ConfigError(f'{path}: nodes.{name}.replication must be '
+                              '"tcp://host:port"')
     keyed = [name for name, spec in nodes.items() if spec.get('public_key')]
     if keyed and len(keyed) != len(nodes):
         raise ConfigError(f'{path}: give every node a public_key, or none')
@@ -203,7 +205,8 @@ def _read_cluster_file(path):
     if db_url.startswith('sqlite:///') and not db_url.startswith(
             'sqlite:////'):  # relative: to the folder of peers.toml
         folder = os.path.dirname(os.path.abspath(path))
-        db_url = f"sqlite:///{os.path.join(folder, db_url[10:])}"
+        relative = db_url[len('sqlite:///'):]
+        db_url = f"sqlite:///{os.path.join(folder, relative)}"
     return nodes, db_url
 
 
@@ -238,8 +241,9 @@ def _open_sqlite(path):
         raise ConfigError(f'no such folder for the database: {folder}')
     pragmas = {'journal_mode': 'wal', 'synchronous': 'full',
                'foreign_keys': 1, 'busy_timeout': 5000}
-    # IMMEDIATE: take the write lock at BEGIN, so that nodes sharing the
-    # file queue on the busy timeout instead of failing to upgrade a lock.
+    # IMMEDIATE: take the write lock at BEGIN. A node waiting for another
+    # node's write then waits before its transaction starts (and retries
+    # cooperatively, see DatabaseRunner), never failing half-way through.
     return SqliteDatabase(path, pragmas=pragmas, returning_clause=True,
                           lock_type='IMMEDIATE')
 
