@@ -28,10 +28,29 @@ cluster: $(STAMP)
 	wait; wait
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sneakers23.py tests bench
+	$(VENV)/bin/ruff check sneakers23.py tests bench packaging
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# One file holding the server, views/, static/ and the seed catalogue
+# (PyInstaller, pinned in packaging/requirements.txt): dist/sneakers23.
+PYI_STAMP := $(VENV)/.pyinstaller-$(shell cksum < packaging/requirements.txt | cut -d' ' -f1)
+BUNDLED := sneakers23.py data/catalog.toml $(wildcard views/*.tpl static/*) \
+	$(wildcard packaging/sneakers23.spec packaging/hooks/*.py)
+
+.PHONY: binary
+binary: dist/sneakers23
+
+dist/sneakers23: $(STAMP) $(PYI_STAMP) $(BUNDLED)
+	$(VENV)/bin/pyinstaller --noconfirm --log-level WARN \
+	  --distpath dist --workpath build packaging/sneakers23.spec
+	@ls -l $@
+
+$(PYI_STAMP): packaging/requirements.txt | $(STAMP)
+	$(PY) -m pip install --quiet -r packaging/requirements.txt
+	rm -f $(VENV)/.pyinstaller-*
+	touch $@
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,4 +60,4 @@ $(STAMP): requirements.txt
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist

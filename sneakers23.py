@@ -2007,8 +2007,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser():
     """The command line of the contract."""
-    parser = ArgumentParser(prog='sneakers23.py', description=__doc__
-                            .split('\n')[0])
+    parser = ArgumentParser(prog='sneakers23' if FROZEN else 'sneakers23.py',
+                            description=__doc__.split('\n')[0])
     commands = parser.add_subparsers(dest='command', metavar='COMMAND')
     serve = commands.add_parser('serve', help='serve the store (default)')
     _serve_options(serve)
