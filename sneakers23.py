@@ -1855,6 +1855,14 @@ class Handler(WSGIHandler):
     to every stream (the response ends when the connection closes).
     """
 
+    def handle_one_response(self):
+        super().handle_one_response()
+        # A keep-alive client that sends its next request at once finds
+        # it already buffered, and pywsgi reads it without yielding: under
+        # a flood of GETs one connection held the hub for 680 ms (seen in
+        # /healthz hub_lag_ms), delaying every stream. Yield per request.
+        gevent.sleep(0)
+
     def process_result(self):
         wanted = self.environ.get(STREAM_REQUEST)
         if wanted is None or self.code != 200 or self.command != 'GET':
