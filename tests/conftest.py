@@ -282,3 +282,15 @@ def buy_concurrently(url, item_ids, cookies=None):
                                                      strict=True)]
     gevent.joinall(jobs, raise_error=True)
     return [job.value for job in jobs]
+
+
+def wait_until(check, timeout=5.0, message='condition', interval=0.01):
+    """Poll `check()` until it is truthy; its value, or AssertionError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f'{message}: not true within {timeout}s')
+        gevent.sleep(interval)

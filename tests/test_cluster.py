@@ -22,7 +22,15 @@ import gevent
 import gevent.event
 import pytest
 import zmq
-from conftest import ROOT, TOKEN, NodeProcess, call, db_rows, free_port
+from conftest import (
+    ROOT,
+    TOKEN,
+    NodeProcess,
+    call,
+    db_rows,
+    free_port,
+    wait_until,
+)
 
 import sneakers23
 
@@ -100,18 +108,6 @@ def health(node):
     status, _, answer = node.get('/healthz')
     assert status == 200, answer
     return answer
-
-
-def wait_until(check, timeout, what, interval=0.02):
-    """Poll `check()` until it is truthy; its value, or AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f'{what} within {timeout}s')
-        gevent.sleep(interval)
 
 
 def buy(node, item_id, cookie=None):

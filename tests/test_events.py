@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import bottle
 import gevent
 import pytest
-from conftest import SSEClient
+from conftest import SSEClient, wait_until
 
 import sneakers23
 
@@ -100,18 +100,6 @@ def publish_n(hub, n, product_id=1):
                      'level': LEVELS[i % 4]})
         ids.append(hub.last_event_id)
     return ids
-
-
-def wait_until(check, timeout=5.0, message='condition'):
-    """Poll `check()` until it is truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f'{message}: not true within {timeout}s')
-        gevent.sleep(0.01)
 
 
 def streams(node):
