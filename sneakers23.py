@@ -935,6 +935,8 @@ class Store:
 
     def release(self, product_id):
         """Release a product; True if this call released it."""
+        if self.inventory.products[product_id].released:
+            return False  # memory follows the database: nothing to write
         at = utcnow()
         self._write(Product.release, product_id, at)
         return self.inventory.product_released(product_id, at)
