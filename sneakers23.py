@@ -219,6 +219,10 @@ def _split_hostport(text, path, node):
     return host, int(port)
 
 
+# ---------------------------------------------------------------------------
+# Database: connections, prepared queries, the runner
+# ---------------------------------------------------------------------------
+
 def open_database(url):
     """Make a Peewee database for `sqlite:///path` or `postgresql://...`."""
     parts = urllib.parse.urlsplit(url)
@@ -299,12 +303,132 @@ def redact(url):
     return url
 
 
+db = DatabaseProxy()
+
+
+def _first(rows):
+    return rows[0] if rows else None
+
+
+def _stand_in(n, value):
+    """A value unlike any real one, of the type of `value`."""
+    if isinstance(value, datetime):
+        return datetime(1901, 1, 1) + timedelta(seconds=n)
+    if isinstance(value, str):
+        return f'\x00stand-in {n}\x00'
+    return -10**15 - n
+
+
+class Prepared:
+    """A Peewee query compiled once (per database and argument types) and
+    then run with other values, as a prepared statement would be.
+
+    Peewee writes SQL in Python, some 0.1 ms a query: on the write path
+    that was 40% of a node's CPU (cProfile, 1,000 writes/s). The query is
+    built once from stand-in values, which show where each argument goes.
+    """
+
+    def __init__(self, build):
+        self.build = build
+        self._compiled = {}
+
+    def rows(self, *args):
+        """Run with `args`; every row returned, as tuples."""
+        sql, slots = self._compile(args)
+        params = [args[n] if n is not None else value for n, value in slots]
+        return db.execute_sql(sql, params).fetchall()
+
+    def _compile(self, args):
+        key = (id(db.obj), tuple(type(a) for a in args))
+        if key not in self._compiled:
+            stand_ins = [_stand_in(n, a) for n, a in enumerate(args)]
+            sql, params = self.build(*stand_ins).sql()
+            where = {(type(s), s): n for n, s in enumerate(stand_ins)}
+            slots = [(where.get((type(p), p)), p) for p in params]
+            if {n for n, _ in slots} - {None} != set(range(len(args))):
+                raise ValueError(f'cannot prepare {sql}')
+            self._compiled[key] = (sql, slots)
+        return self._compiled[key]
+
+
+class DatabaseRunner:
+    """Runs a node's database work without stalling the gevent hub.
+
+    PostgreSQL work runs in the calling greenlet, made cooperative by
+    psycogreen, at most `PG_POOL_SIZE` at a time. SQLite has no
+    cooperative driver. Its writes run in one greenlet that owns the
+    connection: transactions are short (group commit, prepared queries),
+    and when another process holds the write lock the greenlet sleeps and
+    retries instead of waiting inside SQLite. A native thread was tried
+    for writes: every statement then waited for the GIL to come back from
+    the busy hub (14 ms p50 writes at 1,000 writes/s, against 2 ms here).
+    Whole-catalogue reads do go to a thread, with a connection of its own
+    (WAL lets them run beside the writes), so a reload never stalls.
+    """
+
+    def __init__(self, database):
+        self.database = database
+        self.is_sqlite = isinstance(database, SqliteDatabase)
+        self._slots = gevent.lock.BoundedSemaphore(PG_POOL_SIZE)
+        if self.is_sqlite:
+            self._jobs = gevent.queue.Queue()
+            self._owner = gevent.spawn(self._own_connection)
+            self._reader = gevent.threadpool.ThreadPool(1)
+
+    def run(self, fn, *args):
+        """Call `fn(*args)` with a database connection; return its result."""
+        if not self.is_sqlite:
+            with self._slots, db.connection_context():
+                return fn(*args)
+        result = gevent.event.AsyncResult()
+        self._jobs.put((fn, args, result))
+        return result.get()
+
+    def read(self, fn, *args):
+        """Like `run`, for big reads: on SQLite, off the hub's thread."""
+        if not self.is_sqlite:
+            return self.run(fn, *args)
+        return self._reader.apply(self._read_in_thread, (fn, args))
+
+    def close(self):
+        """Close the connections (and the SQLite reader thread)."""
+        if not self.is_sqlite:
+            return db.close_all()
+        self.run(db.close)
+        self._owner.kill()
+        self._reader.apply(db.close)
+        self._reader.kill()
+
+    def _own_connection(self):
+        while True:
+            fn, args, result = self._jobs.get()
+            try:
+                result.set(self._retry_when_locked(fn, args))
+            except Exception as e:  # the caller gets it
+                result.set_exception(e)
+
+    def _retry_when_locked(self, fn, args):
+        deadline = time.monotonic() + SQLITE_LOCK_WAIT
+        while True:
+            try:
+                if db.is_closed():
+                    db.connect()
+                    db.execute_sql('PRAGMA busy_timeout = 0')
+                return fn(*args)
+            except OperationalError as e:
+                if 'locked' not in str(e) or time.monotonic() > deadline:
+                    raise
+                gevent.sleep(SQLITE_LOCK_RETRY)
+
+    def _read_in_thread(self, fn, args):
+        if db.is_closed():
+            db.connect()
+        return fn(*args)
+
+
 # ---------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------
-
-db = DatabaseProxy()
-
 
 class BaseModel(Model):
     class Meta:
@@ -393,51 +517,6 @@ class Order(BaseModel):
         return placed
 
 
-def _first(rows):
-    return rows[0] if rows else None
-
-
-def _stand_in(n, value):
-    """A value unlike any real one, of the type of `value`."""
-    if isinstance(value, datetime):
-        return datetime(1901, 1, 1) + timedelta(seconds=n)
-    if isinstance(value, str):
-        return f'\x00stand-in {n}\x00'
-    return -10**15 - n
-
-
-class Prepared:
-    """A Peewee query compiled once (per database and argument types) and
-    then run with other values, as a prepared statement would be.
-
-    Peewee writes SQL in Python, some 0.1 ms a query: on the write path
-    that was 40% of a node's CPU (cProfile, 1,000 writes/s). The query is
-    built once from stand-in values, which show where each argument goes.
-    """
-
-    def __init__(self, build):
-        self.build = build
-        self._compiled = {}
-
-    def rows(self, *args):
-        """Run with `args`; every row returned, as tuples."""
-        sql, slots = self._compile(args)
-        params = [args[n] if n is not None else value for n, value in slots]
-        return db.execute_sql(sql, params).fetchall()
-
-    def _compile(self, args):
-        key = (id(db.obj), tuple(type(a) for a in args))
-        if key not in self._compiled:
-            stand_ins = [_stand_in(n, a) for n, a in enumerate(args)]
-            sql, params = self.build(*stand_ins).sql()
-            where = {(type(s), s): n for n, s in enumerate(stand_ins)}
-            slots = [(where.get((type(p), p)), p) for p in params]
-            if {n for n, _ in slots} - {None} != set(range(len(args))):
-                raise ValueError(f'cannot prepare {sql}')
-            self._compiled[key] = (sql, slots)
-        return self._compiled[key]
-
-
 def _locked_count(item_id):
     query = (Availability
              .select(Availability.count)
@@ -484,114 +563,7 @@ class Setting(BaseModel):
 
 MODELS = (Product, Item, Availability, Order, Setting)
 
-
-@dataclass(eq=False)
-class Purchase:
-    """One shopper's request for one item, on its way to the database."""
-
-    item_id: int
-    product_id: int
-    shopper: str
-    result: gevent.event.AsyncResult = field(
-        default_factory=gevent.event.AsyncResult)
-
-
-@dataclass(eq=False)
-class Write:
-    """Any other write (a release, a restock) riding the next batch."""
-
-    fn: object
-    args: tuple
-    result: gevent.event.AsyncResult = field(
-        default_factory=gevent.event.AsyncResult)
-
-
-@dataclass
-class Placed:
-    order_id: int
-    count: int
-    version: int
-
-
-SOLD_OUT, ALREADY_PURCHASED = 'sold_out', 'already_purchased'
-
-
-def commit_batch(purchases, writes, node):
-    """Everything that arrived together, in one transaction (group commit).
-
-    Returns (what each write returned or raised, each purchase's outcome).
-    """
-    with db.atomic():
-        done = [_in_savepoint(w.fn, *w.args) for w in writes]
-        return done, place_orders(purchases, node)
-
-
-def _in_savepoint(fn, *args):
-    """`fn(*args)`, or the database error it raised (rolled back alone)."""
-    try:
-        with db.atomic():
-            return fn(*args)
-    except DatabaseError as e:
-        return e
-
-
-def place_orders(purchases, node):
-    """Place a batch of purchases; one outcome each, in their order.
-
-    Items are locked in id order so that concurrent batches (other
-    connections, other nodes) never deadlock.
-    """
-    by_item = {}
-    for p in purchases:
-        by_item.setdefault(p.item_id, []).append(p)
-    outcomes = {}
-    with db.atomic():
-        for item_id in sorted(by_item):
-            outcomes.update(_place_item_orders(item_id, by_item[item_id],
-                                               node))
-    return [outcomes[id(p)] for p in purchases]
-
-
-def _place_item_orders(item_id, group, node):
-    """All purchases of one item: three statements, however many buyers.
-
-    Lock the count, insert the order rows (a shopper who already has a
-    pair of this product gets none), then one conditional decrement.
-    """
-    left = Availability.count_for_update(item_id) or 0
-    outcomes, placed, waiting = {}, [], list(group)
-    while waiting and len(placed) < left:
-        take, waiting = (waiting[:left - len(placed)],
-                         waiting[left - len(placed):])
-        fresh = _first_per_shopper(take, outcomes)
-        order_ids = Order.place_many(fresh, node)
-        for p in fresh:
-            if p.shopper in order_ids:
-                placed.append((p, order_ids[p.shopper]))
-            else:
-                outcomes[id(p)] = ALREADY_PURCHASED
-    for p in waiting:
-        outcomes[id(p)] = SOLD_OUT
-    if placed:
-        count, version = Availability.take(item_id, len(placed))
-        for p, order_id in placed:
-            outcomes[id(p)] = Placed(order_id, count, version)
-    return outcomes
-
-
-def _first_per_shopper(purchases, outcomes):
-    """Drop a shopper's second purchase in the same batch."""
-    seen, fresh = set(), []
-    for p in purchases:
-        if p.shopper in seen:
-            outcomes[id(p)] = ALREADY_PURCHASED
-        else:
-            seen.add(p.shopper)
-            fresh.append(p)
-    return fresh
-
-
-def catalogue_rows():
+def catalog_rows():
     """Every product (in display order) with its items' rows.
 
     An item row is (id, product_id, sku, size, count, version): plain
@@ -767,7 +739,7 @@ class Inventory:
         self._listeners = []
 
     def load(self, rows):
-        """Replace everything with `catalogue_rows()` output."""
+        """Replace everything with `catalog_rows()` output."""
         products, items = {}, {}
         for row, item_rows in rows:
             states = [ItemState(*item) for item in item_rows]
@@ -824,82 +796,117 @@ class Inventory:
                 logger.exception('inventory listener %r failed', callback)
 
 
-class DatabaseRunner:
-    """Runs a node's database work without stalling the gevent hub.
+# ---------------------------------------------------------------------------
+# Write path: purchases, releases, restocks in group commits
+# ---------------------------------------------------------------------------
 
-    PostgreSQL work runs in the calling greenlet, made cooperative by
-    psycogreen, at most `PG_POOL_SIZE` at a time. SQLite has no
-    cooperative driver. Its writes run in one greenlet that owns the
-    connection: transactions are short (group commit, prepared queries),
-    and when another process holds the write lock the greenlet sleeps and
-    retries instead of waiting inside SQLite. A native thread was tried
-    for writes: every statement then waited for the GIL to come back from
-    the busy hub (14 ms p50 writes at 1,000 writes/s, against 2 ms here).
-    Whole-catalogue reads do go to a thread, with a connection of its own
-    (WAL lets them run beside the writes), so a reload never stalls.
+@dataclass(eq=False)
+class Purchase:
+    """One shopper's request for one item, on its way to the database."""
+
+    item_id: int
+    product_id: int
+    shopper: str
+    result: gevent.event.AsyncResult = field(
+        default_factory=gevent.event.AsyncResult)
+
+
+@dataclass(eq=False)
+class Write:
+    """Any other write (a release, a restock) riding the next batch."""
+
+    fn: object
+    args: tuple
+    result: gevent.event.AsyncResult = field(
+        default_factory=gevent.event.AsyncResult)
+
+
+@dataclass
+class Placed:
+    order_id: int
+    count: int
+    version: int
+
+
+SOLD_OUT, ALREADY_PURCHASED = 'sold_out', 'already_purchased'
+
+
+def commit_batch(purchases, writes, node):
+    """Everything that arrived together, in one transaction (group commit).
+
+    Returns (what each write returned or raised, each purchase's outcome).
     """
-
-    def __init__(self, database):
-        self.database = database
-        self.is_sqlite = isinstance(database, SqliteDatabase)
-        self._slots = gevent.lock.BoundedSemaphore(PG_POOL_SIZE)
-        if self.is_sqlite:
-            self._jobs = gevent.queue.Queue()
-            self._owner = gevent.spawn(self._own_connection)
-            self._reader = gevent.threadpool.ThreadPool(1)
-
-    def run(self, fn, *args):
-        """Call `fn(*args)` with a database connection; return its result."""
-        if not self.is_sqlite:
-            with self._slots, db.connection_context():
-                return fn(*args)
-        result = gevent.event.AsyncResult()
-        self._jobs.put((fn, args, result))
-        return result.get()
-
-    def read(self, fn, *args):
-        """Like `run`, for big reads: on SQLite, off the hub's thread."""
-        if not self.is_sqlite:
-            return self.run(fn, *args)
-        return self._reader.apply(self._read_in_thread, (fn, args))
-
-    def close(self):
-        """Close the connections (and the SQLite reader thread)."""
-        if not self.is_sqlite:
-            return db.close_all()
-        self.run(db.close)
-        self._owner.kill()
-        self._reader.apply(db.close)
-        self._reader.kill()
-
-    def _own_connection(self):
-        while True:
-            fn, args, result = self._jobs.get()
-            try:
-                result.set(self._retry_when_locked(fn, args))
-            except Exception as e:  # the caller gets it
-                result.set_exception(e)
-
-    def _retry_when_locked(self, fn, args):
-        deadline = time.monotonic() + SQLITE_LOCK_WAIT
-        while True:
-            try:
-                if db.is_closed():
-                    db.connect()
-                    db.execute_sql('PRAGMA busy_timeout = 0')
-                return fn(*args)
-            except OperationalError as e:
-                if 'locked' not in str(e) or time.monotonic() > deadline:
-                    raise
-                gevent.sleep(SQLITE_LOCK_RETRY)
-
-    def _read_in_thread(self, fn, args):
-        if db.is_closed():
-            db.connect()
-        return fn(*args)
+    with db.atomic():
+        done = [_in_savepoint(w.fn, *w.args) for w in writes]
+        return done, place_orders(purchases, node)
 
 
-class Store:
+def _in_savepoint(fn, *args):
+    """`fn(*args)`, or the database error it raised (rolled back alone)."""
+    try:
+        with db.atomic():
+            return fn(*args)
+    except DatabaseError as e:
+        return e
+
+
+def place_orders(purchases, node):
+    """Place a batch of purchases; one outcome each, in their order.
+
+    Items are locked in id order so that concurrent batches (other
+    connections, other nodes) never deadlock.
+    """
+    by_item = {}
+    for p in purchases:
+        by_item.setdefault(p.item_id, []).append(p)
+    outcomes = {}
+    with db.atomic():
+        for item_id in sorted(by_item):
+            outcomes.update(_place_item_orders(item_id, by_item[item_id],
+                                               node))
+    return [outcomes[id(p)] for p in purchases]
+
+
+def _place_item_orders(item_id, group, node):
+    """All purchases of one item: three statements, however many buyers.
+
+    Lock the count, insert the order rows (a shopper who already has a
+    pair of this product gets none), then one conditional decrement.
+    """
+    left = Availability.count_for_update(item_id) or 0
+    outcomes, placed, waiting = {}, [], list(group)
+    while waiting and len(placed) < left:
+        take, waiting = (waiting[:left - len(placed)],
+                         waiting[left - len(placed):])
+        fresh = _first_per_shopper(take, outcomes)
+        order_ids = Order.place_many(fresh, node)
+        for p in fresh:
+            if p.shopper in order_ids:
+                placed.append((p, order_ids[p.shopper]))
+            else:
+                outcomes[id(p)] = ALREADY_PURCHASED
+    for p in waiting:
+        outcomes[id(p)] = SOLD_OUT
+    if placed:
+        count, version = Availability.take(item_id, len(placed))
+        for p, order_id in placed:
+            outcomes[id(p)] = Placed(order_id, count, version)
+    return outcomes
+
+
+def _first_per_shopper(purchases, outcomes):
+    """Drop a shopper's second purchase in the same batch."""
+    seen, fresh = set(), []
+    for p in purchases:
+        if p.shopper in seen:
+            outcomes[id(p)] = ALREADY_PURCHASED
+        else:
+            seen.add(p.shopper)
+            fresh.append(p)
+    return fresh
+
+
+class WritePath:
     """The node's write path: database first, then memory.
 
     Purchases, releases and restocks queue here and are committed in
@@ -916,7 +923,7 @@ class Store:
 
     def load(self):
         """(Re)load the whole inventory from the database."""
-        self.inventory.load(self.runner.read(catalogue_rows))
+        self.inventory.load(self.runner.read(catalog_rows))
 
     def refresh(self):
         """Bring memory up to the database (changes made anywhere)."""
@@ -942,12 +949,11 @@ class Store:
         return self.inventory.product_released(product_id, at)
 
     def restock(self, item_id, count):
-        """Add pairs to an item; returns its new count."""
+        """Add pairs to an item; its new count, or None if it has none."""
         row = self._write(Availability.add, item_id, count)
-        if row is None:
-            raise ApiError(404, 'not_found')
-        self.inventory.item_changed(item_id, *row)
-        return row[0]
+        if row is not None:
+            self.inventory.item_changed(item_id, *row)
+        return row and row[0]
 
     def stop(self):
         """Stop taking purchases and close the database."""
@@ -1415,8 +1421,8 @@ class Replicator:
     from the database: the Clone pattern, the database as the snapshot.
     """
 
-    def __init__(self, config, inventory, store):
-        self.config, self.inventory, self.store = config, inventory, store
+    def __init__(self, config, inventory, writes):
+        self.config, self.inventory, self.writes = config, inventory, writes
         self.node = config.node
         self.boot = format(time.time_ns(), 'x')
         self.seq = 0
@@ -1570,7 +1576,7 @@ class Replicator:
             self._resync_wanted.wait()
             self._resync_wanted.clear()
             try:
-                self.store.refresh()
+                self.writes.refresh()
                 self.resyncs += 1
             except Exception:
                 logger.exception('replication: reload failed; retrying')
@@ -1692,10 +1698,10 @@ class Node:
         self.inventory = Inventory()
         self.hub = EventHub(self.inventory)
         self.inventory.listen(self.hub.on_inventory)
-        self.store = Store(self.runner, self.inventory, config.node)
+        self.writes = WritePath(self.runner, self.inventory, config.node)
         self.replicator = None
         if config.replication:
-            self.replicator = Replicator(config, self.inventory, self.store)
+            self.replicator = Replicator(config, self.inventory, self.writes)
         self.cookie_key = ''
         self.lag = LagProbe()
         self._cache = {}
@@ -1703,7 +1709,7 @@ class Node:
     def start(self):
         """Prepare the database, load memory, start background work."""
         self.runner.run(self._prepare_database)
-        self.store.load()
+        self.writes.load()
         self.hub.start()
         if self.replicator:
             self.replicator.start()
@@ -1714,7 +1720,7 @@ class Node:
         if self.replicator:
             self.replicator.stop()
         self.hub.stop()
-        self.store.stop()
+        self.writes.stop()
 
     def health(self):
         """What `/healthz` shows."""
@@ -1960,7 +1966,7 @@ def _purchase(node):
         raise ApiError(403, 'not_released')
     if item.count <= 0:
         raise ApiError(409, SOLD_OUT)  # from memory, no database trip
-    outcome = node.store.buy(item, _shopper(node))
+    outcome = node.writes.buy(item, _shopper(node))
     if not isinstance(outcome, Placed):
         raise ApiError(409, outcome)
     return json_response(201, {'order_id': outcome.order_id,
@@ -2000,7 +2006,7 @@ def _release(node, product_id):
     _require_admin(node)
     if product_id not in node.inventory.products:
         raise ApiError(404, 'not_found')
-    changed = node.store.release(product_id)
+    changed = node.writes.release(product_id)
     return {'product_id': product_id, 'released': True, 'changed': changed}
 
 
@@ -2009,7 +2015,9 @@ def _restock(node, item_id):
     count = positive_int(json_body(), 'count', MAX_RESTOCK)
     if item_id not in node.inventory.items:
         raise ApiError(404, 'not_found')
-    total = node.store.restock(item_id, count)
+    total = node.writes.restock(item_id, count)
+    if total is None:
+        raise ApiError(404, 'not_found')
     return {'item_id': item_id, 'count': total, 'level': level_of(total)}
 
 

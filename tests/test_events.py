@@ -46,7 +46,7 @@ def parse_chunk(chunk):
 def fake_inventory():
     """Two products of four items at 0, 149, 150 and 500 pairs.
 
-    Loaded the way `Store.load` does it, from `catalogue_rows()`-shaped
+    Loaded the way `WritePath.load` does it, from `catalog_rows()`-shaped
     rows: a product row and (id, product_id, sku, size, count, version).
     """
     inventory = sneakers23.Inventory()

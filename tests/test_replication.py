@@ -32,7 +32,7 @@ def inventory():
 def replicator(inventory):
     config = Config(node='a', replication='tcp://127.0.0.1:1',
                     peers={'b': Peer('b', 'tcp://127.0.0.1:2')})
-    replicator = Replicator(config, inventory, store=None)
+    replicator = Replicator(config, inventory, writes=None)
     yield replicator
     replicator.context.destroy(linger=0)
 

@@ -338,7 +338,7 @@ def test_reads_never_touch_the_database(in_process_node, monkeypatch):
 def test_sold_out_is_answered_from_memory(in_process_node, monkeypatch):
     node, url = in_process_node
     product = node.inventory.products[1]
-    node.store.release(1)
+    node.writes.release(1)
     out = next(i for i in product.items if i.count == 0)
     calls = []
     real_run = node.runner.run
@@ -356,7 +356,7 @@ def test_sold_out_is_answered_from_memory(in_process_node, monkeypatch):
 def test_a_failed_database_answers_503_and_sells_nothing(in_process_node,
                                                          monkeypatch):
     node, url = in_process_node
-    node.store.release(1)
+    node.writes.release(1)
     item = next(i for i in node.inventory.products[1].items if i.count > 0)
     before = item.count
 
