@@ -5,15 +5,14 @@ import time
 from collections import Counter
 
 import gevent
-import pytest
 from conftest import (
     TOKEN,
     admin_headers,
     buy_concurrently,
     call,
     db_rows,
+    product_row,
 )
-from gevent.pywsgi import WSGIServer
 
 import sneakers23
 
@@ -295,10 +294,8 @@ def test_lag_probe_sees_a_stalled_hub():
 
 
 def test_templates_escape_catalogue_text():
-    row = type('Row', (), dict(
-        id=1, sku='X', brand='<b>Brand</b>', name='<script>alert(1)</script>',
-        color='"red"', price_cents=100, image='x.svg', position=0,
-        released=False, release_at=None))
+    row = product_row(brand='<b>Brand</b>',
+                      name='<script>alert(1)</script>', color='"red"')
     product = sneakers23.ProductState(row, [])
     html = sneakers23.render('product_card', product=product,
                              price=sneakers23.price)
@@ -306,22 +303,9 @@ def test_templates_escape_catalogue_text():
     assert '<b>' not in html
 
 
-@pytest.fixture
-def in_process_node(tmp_path):
-    """A node served from this process, so the test can cut its database."""
-    config = sneakers23.Config(db_url=f'sqlite:///{tmp_path}/s.db',
-                               admin_token=TOKEN)
-    app = sneakers23.create_app(config)
-    app.node.start()
-    server = WSGIServer(('127.0.0.1', 0), app, log=None)
-    server.start()
-    yield app.node, f'http://127.0.0.1:{server.server_port}'
-    server.stop()
-    app.node.stop()
-
-
-def test_reads_never_touch_the_database(in_process_node, monkeypatch):
-    node, url = in_process_node
+def test_reads_never_touch_the_database(app_server, monkeypatch):
+    server = app_server()
+    node, url = server.node, server.url
 
     def no_database(*args, **kwargs):
         raise AssertionError('a read went to the database')
@@ -335,8 +319,9 @@ def test_reads_never_touch_the_database(in_process_node, monkeypatch):
     assert call(url, 'GET', '/healthz')[0] == 200
 
 
-def test_sold_out_is_answered_from_memory(in_process_node, monkeypatch):
-    node, url = in_process_node
+def test_sold_out_is_answered_from_memory(app_server, monkeypatch):
+    server = app_server()
+    node, url = server.node, server.url
     product = node.inventory.products[1]
     node.writes.release(1)
     out = next(i for i in product.items if i.count == 0)
@@ -353,9 +338,10 @@ def test_sold_out_is_answered_from_memory(in_process_node, monkeypatch):
     assert calls == []
 
 
-def test_a_failed_database_answers_503_and_sells_nothing(in_process_node,
+def test_a_failed_database_answers_503_and_sells_nothing(app_server,
                                                          monkeypatch):
-    node, url = in_process_node
+    server = app_server()
+    node, url = server.node, server.url
     node.writes.release(1)
     item = next(i for i in node.inventory.products[1].items if i.count > 0)
     before = item.count
