@@ -4,7 +4,6 @@ import re
 import time
 from collections import Counter
 
-import gevent
 from conftest import (
     TOKEN,
     admin_headers,
@@ -12,6 +11,7 @@ from conftest import (
     call,
     db_rows,
     product_row,
+    wait_until,
 )
 
 import sneakers23
@@ -195,7 +195,6 @@ BAD_INPUTS = [
 def test_bad_input_answers_4xx_json_and_changes_nothing(node, db_url):
     node.release(1)
     before = node.products()
-    seen = []
     for name, method, path, headers, body, status, error in BAD_INPUTS:
         got, got_headers, answer = call(node.url, method, path,
                                         headers=headers, raw=body)
@@ -204,8 +203,6 @@ def test_bad_input_answers_4xx_json_and_changes_nothing(node, db_url):
         assert isinstance(answer, dict) and answer.get('error'), name
         if error:
             assert answer['error'] == error, (name, answer)
-        seen.append(name)
-    assert len(seen) >= 20
     assert node.products() == before
     assert db_rows(db_url, 'SELECT COUNT(*) FROM orders') == [(0,)]
 
@@ -274,23 +271,27 @@ def test_release_is_idempotent_and_restock_adds(sqlite_node):
 def test_healthz(sqlite_node):
     status, _, health = sqlite_node.get('/healthz')
     assert status == 200
-    assert {'node', 'db', 'peers'} <= set(health)
+    assert {'node', 'db', 'peers', 'hub_lag_ms'} <= set(health)
     assert health['node'] == 'a'
-    assert 0 <= health['hub_lag_ms']['latest'] <= health['hub_lag_ms'][
-        'max_10s']
+    assert set(health['hub_lag_ms']) == {'latest', 'max_10s'}
 
 
-def test_lag_probe_sees_a_stalled_hub():
-    probe = sneakers23.LagProbe(interval=0.01, window=1)
-    probe.start()
-    gevent.sleep(0.05)
-    assert probe.stats()['max_10s'] < 100
-    busy_until = time.perf_counter() + 0.2
-    while time.perf_counter() < busy_until:
+def test_healthz_shows_a_stalled_hub(app_server):
+    server = app_server()
+    assert call(server.url, 'GET', '/healthz')[0] == 200  # probe asleep
+    started = time.perf_counter()
+    while time.perf_counter() - started < 0.3:
         pass  # CPU work that never yields: the hub cannot run
-    gevent.sleep(0.05)
-    assert probe.stats()['max_10s'] >= 150
-    probe.stop()
+    stalled_ms = (time.perf_counter() - started) * 1000
+    # The probe's timer was due within one interval of the stall's start,
+    # so it wakes at least this late (whatever else the machine does).
+    least = stalled_ms - sneakers23.LAG_PROBE_INTERVAL * 1000 - 1
+
+    def worst_lag():
+        lag = call(server.url, 'GET', '/healthz')[2]['hub_lag_ms']
+        print(f'stalled {stalled_ms:.0f} ms, /healthz says {lag}')
+        return lag['max_10s'] >= least
+    wait_until(worst_lag, 5, f'/healthz showing a {least:.0f} ms lag')
 
 
 def test_templates_escape_catalogue_text():
