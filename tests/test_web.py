@@ -1,9 +1,14 @@
 """The HTTP API and page of one real node, as shoppers and operators use it."""
 
+import http.client
+import json
 import re
+import socket
 import time
+import urllib.parse
 from collections import Counter
 
+import pytest
 from conftest import (
     TOKEN,
     admin_headers,
@@ -377,3 +382,243 @@ def test_admin_token_compared_whole(sqlite_node):
     status, _, _ = node.post('/admin/api/products/1/release', {},
                              headers={'Authorization': f'bearer {TOKEN}'})
     assert status == 200
+
+
+# ---------------------------------------------------------------------------
+# Hostile clients (issue 9): every answer JSON, nothing changed
+# ---------------------------------------------------------------------------
+
+MAX_STOCK = 1_000_000_000   # pairs of one item at most (README, issue 9)
+ITEM = 1                    # SHU6000 size 6: 120 pairs in the seed
+ITEM_BODY = b'{"item_id":1}'
+
+
+def raw_request(url, data, timeout=10):
+    """Send `data` as it is; (status, headers, JSON or bytes) of the
+    answer, or None when the server closed without answering."""
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port),
+                                  timeout) as sock:
+        sock.sendall(data)
+        answer = http.client.HTTPResponse(sock)
+        try:
+            answer.begin()
+        except (http.client.RemoteDisconnected, ConnectionResetError):
+            return None
+        body = answer.read()
+        headers = {k.lower(): v for k, v in answer.getheaders()}
+    if headers.get('content-type', '').startswith('application/json'):
+        body = json.loads(body)
+    return answer.status, headers, body
+
+
+def post_raw(path, headers, body=b''):
+    """A POST request's bytes, `Connection: close`, headers as given."""
+    if isinstance(path, str):
+        path = path.encode()
+    lines = [b'POST ' + path + b' HTTP/1.1', b'Host: x',
+             b'Connection: close', *headers]
+    return b'\r\n'.join(lines) + b'\r\n\r\n' + body
+
+
+def purchase_with_length(length, body=ITEM_BODY):
+    return post_raw('/api/purchase', [b'Content-Type: application/json',
+                                      b'Content-Length: ' + length], body)
+
+
+def chunked_purchase(chunks):
+    return post_raw('/api/purchase', [b'Content-Type: application/json',
+                                      b'Transfer-Encoding: chunked'], chunks)
+
+
+def get_raw(target):
+    return (b'GET ' + target + b' HTTP/1.1\r\nHost: x\r\n'
+            b'Connection: close\r\n\r\n')
+
+
+def store_state(url, db_url):
+    """What a change would show in: the API and the orders table."""
+    return (call(url, 'GET', '/api/products')[2],
+            db_rows(db_url, 'SELECT id, item_id FROM orders ORDER BY id'))
+
+
+def released_store(app_server, db_url=None):
+    """An in-process node with product 1 (item ITEM in stock) released."""
+    server = app_server(db_url)
+    status, _, _ = call(server.url, 'POST', '/admin/api/products/1/release',
+                        {}, headers=admin_headers())
+    assert status == 200
+    return server
+
+
+def json_error(answer, status, error=None):
+    """A problem with `answer` (None when it is the JSON error wanted)."""
+    if answer is None:
+        return 'closed without an answer'
+    got, headers, body = answer
+    if got != status:
+        return f'status {got}, not {status}: {body!r:.200}'
+    if headers.get('content-type') != 'application/json':
+        return f'not JSON: {headers.get("content-type")} {body!r}'
+    if not (isinstance(body, dict) and body.get('error')):
+        return f'no error key: {body!r}'
+    if error and body['error'] != error:
+        return f'error {body["error"]!r}, not {error!r}'
+    return None
+
+
+def report(problems):
+    return '\n'.join(f'{case}: {problem}'
+                     for case, problem in problems.items())
+
+
+HTTP_LAYER = [
+    # (name, raw request, status, error); a lenient parser would read the
+    # Content-Length cases as the length of a good purchase body.
+    ('Content-Length -1', purchase_with_length(b'-1'), 400, 'bad_request'),
+    ('Content-Length abc', purchase_with_length(b'abc'), 400,
+     'bad_request'),
+    ('Content-Length 0x10', purchase_with_length(b'0x10',
+                                                 ITEM_BODY + b'   '),
+     400, 'bad_request'),
+    ('Content-Length ²', purchase_with_length('²'.encode(), b'{}'), 400,
+     'bad_request'),
+    ('Content-Length 13, 13', purchase_with_length(b'13, 13'), 400,
+     'bad_request'),
+    ('Content-Length in Arabic-Indic digits',
+     purchase_with_length('١٣'.encode()), 400, 'bad_request'),
+    ('CR in the request line', get_raw(b'/api/products\rx'), 400,
+     'bad_request'),
+    ('LF in the request line', get_raw(b'/api/products\nx'), 400,
+     'bad_request'),
+    ('URL of 10 KB', get_raw(b'/api/products?q=' + b'x' * 10_000), 414,
+     'uri_too_long'),
+    ('request line of 8 KB', get_raw(b'/?' + b'x' * 8192), 414,
+     'uri_too_long'),
+    ('chunk size zz', chunked_purchase(b'zz\r\n' + ITEM_BODY + b'\r\n'
+                                       b'0\r\n\r\n'), 400, 'bad_request'),
+    ('chunk size -d', chunked_purchase(b'-d\r\n' + ITEM_BODY + b'\r\n'
+                                       b'0\r\n\r\n'), 400, 'bad_request'),
+]
+
+
+def test_http_layer_answers_json_and_changes_nothing(app_server):
+    server = released_store(app_server)
+    db_url = server.node.config.db_url
+    before = store_state(server.url, db_url)
+    problems = {}
+    for name, request, status, error in HTTP_LAYER:
+        problem = json_error(raw_request(server.url, request), status, error)
+        if problem:
+            problems[name] = problem
+    assert not problems, report(problems)
+    assert store_state(server.url, db_url) == before
+
+
+def test_a_long_url_under_the_limit_is_served(app_server):
+    server = app_server()
+    status, _, products = raw_request(
+        server.url, get_raw(b'/api/products?q=' + b'x' * 7000))
+    assert status == 200 and len(products) >= 8
+
+
+NESTED = [
+    b'[' * 1000,
+    b'[' * 1000 + b']' * 1000,
+    b'{"item_id": ' + b'[' * 1000 + b'1' + b']' * 1000 + b'}',
+    b'{"count": ' + b'{"a": ' * 500 + b'1' + b'}' * 501,
+]
+
+
+def test_deeply_nested_json_is_refused(app_server):
+    server = released_store(app_server)
+    db_url = server.node.config.db_url
+    before = store_state(server.url, db_url)
+    problems = {}
+    for path, headers in (('/api/purchase', GOOD),
+                          (f'/admin/api/items/{ITEM}/restock', AUTH)):
+        for body in NESTED:
+            answer = call(server.url, 'POST', path, headers=headers,
+                          raw=body)
+            problem = json_error(answer, 400)
+            if problem:
+                problems[path, body[:12]] = problem
+    assert not problems, report(problems)
+    assert store_state(server.url, db_url) == before
+
+
+@pytest.mark.parametrize('value', ['"\xe9.abc"', '"Ã©.abc"',
+                                   '"\xff.\xfe"'],
+                         ids=['latin-1', 'utf-8', 'not-text'])
+def test_a_non_ascii_cookie_makes_a_new_shopper(app_server, value):
+    server = released_store(app_server)
+    cookie = {'Cookie': f's23_shopper={value}'}  # sent as latin-1 bytes
+
+    status, headers, page = call(server.url, 'GET', '/', headers=cookie)
+    assert status == 200 and b'data-product-id' in page
+    assert headers['set-cookie'].startswith('s23_shopper=')
+
+    status, headers, body = call(server.url, 'POST', '/api/purchase',
+                                 {'item_id': ITEM}, headers=cookie)
+    assert status == 201, body
+    fresh = {'Cookie': headers['set-cookie'].split(';')[0]}
+    assert call(server.url, 'POST', '/api/purchase', {'item_id': ITEM + 1},
+                headers=fresh)[::2] == (409, {'error': 'already_purchased'})
+
+
+@pytest.mark.parametrize('digit', ['%D9%A1', '%EF%BC%91', '%F0%9D%9F%8F'],
+                         ids=['arabic-indic', 'fullwidth', 'math-bold'])
+def test_ids_in_paths_are_ascii_digits(app_server, digit):
+    server = app_server()
+    db_url = server.node.config.db_url
+    before = store_state(server.url, db_url)
+    for path, body in ((f'/admin/api/items/{digit}/restock', {'count': 5}),
+                       (f'/admin/api/products/{digit}/release', {})):
+        answer = call(server.url, 'POST', path, body,
+                      headers=admin_headers())
+        assert json_error(answer, 404, 'not_found') is None, (path, answer)
+    raw_path = urllib.parse.unquote_to_bytes(digit)
+    answer = raw_request(server.url, post_raw(
+        b'/admin/api/items/' + raw_path + b'/restock',
+        [b'Content-Type: application/json', b'Content-Length: 12',
+         f'Authorization: Bearer {TOKEN}'.encode()], b'{"count": 5}'))
+    assert json_error(answer, 404) is None, answer
+    assert store_state(server.url, db_url) == before
+
+
+def seeded_with(db_url, item_id, count):
+    """Seed a fresh database, then give `item_id` exactly `count` pairs."""
+    database = sneakers23.open_database(db_url)
+    sneakers23.db.initialize(database)
+    with database.connection_context():
+        sneakers23.seed(sneakers23.CATALOG_PATH)
+        with database.atomic():
+            (sneakers23.Availability.update(count=count)
+             .where(sneakers23.Availability.item == item_id).execute())
+    if hasattr(database, 'close_all'):
+        database.close_all()
+
+
+def test_restock_past_the_most_an_item_holds_is_refused(app_server, db_url):
+    seeded_with(db_url, ITEM, MAX_STOCK - 500_000)
+    server = app_server(db_url)
+
+    def restock(count):
+        return call(server.url, 'POST', f'/admin/api/items/{ITEM}/restock',
+                    {'count': count}, headers=admin_headers())
+
+    def stock():
+        api = [i['count'] for p in call(server.url, 'GET', '/api/products')[2]
+               for i in p['items'] if i['id'] == ITEM]
+        database = db_rows(db_url, 'SELECT count FROM availability '
+                                   'WHERE item_id = ?', (ITEM,))
+        return api, database
+
+    answer = restock(1_000_000)
+    assert json_error(answer, 409, 'too_many') is None, answer
+    assert stock() == ([MAX_STOCK - 500_000], [(MAX_STOCK - 500_000,)])
+    assert restock(500_000)[::2] == (200, {
+        'item_id': ITEM, 'count': MAX_STOCK, 'level': 'high'})
+    answer = restock(1)
+    assert json_error(answer, 409, 'too_many') is None, answer
+    assert stock() == ([MAX_STOCK], [(MAX_STOCK,)])
