@@ -1,13 +1,16 @@
 """The HTTP API and page of one real node, as shoppers and operators use it."""
 
 import http.client
+import itertools
 import json
+import math
 import re
 import socket
 import time
 import urllib.parse
 from collections import Counter
 
+import gevent
 import pytest
 from conftest import (
     TOKEN,
@@ -622,3 +625,174 @@ def test_restock_past_the_most_an_item_holds_is_refused(app_server, db_url):
     answer = restock(1)
     assert json_error(answer, 409, 'too_many') is None, answer
     assert stock() == ([MAX_STOCK], [(MAX_STOCK,)])
+
+
+# ---------------------------------------------------------------------------
+# Slow and greedy clients (issue 9)
+# ---------------------------------------------------------------------------
+
+def read_until_closed(sock):
+    """Every byte the server sends until it closes the connection."""
+    got = b''
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f'still open after {sock.gettimeout()} s '
+                             f'(header timeout 1 s); got {got!r}') from None
+    return got
+
+
+def test_slow_headers_are_cut_off(start_node, sqlite_url):
+    node = start_node(sqlite_url, env={'SNEAKERS23_HEADER_TIMEOUT': '1'})
+    parts = urllib.parse.urlsplit(node.url)
+    slow = socket.create_connection((parts.hostname, parts.port), 10)
+    idle = socket.create_connection((parts.hostname, parts.port), 10)
+    slow.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n')
+
+    def drip():  # one byte of an endless header every 0.1 s
+        try:
+            for byte in itertools.cycle(b'X-Slow: yes\r\n'):
+                slow.send(bytes([byte]))
+                gevent.sleep(0.1)
+        except OSError:
+            return  # the server closed the connection
+    dripping = gevent.spawn(drip)
+    started = time.monotonic()
+    try:
+        answer = read_until_closed(slow)
+        waited = time.monotonic() - started
+        assert read_until_closed(idle) == b'', 'an idle connection answered'
+    finally:
+        dripping.kill()
+        slow.close()
+        idle.close()
+    print(f'slow connection answered after {waited:.1f} s')
+    if answer:  # the server may also just close it
+        head, _, body = answer.partition(b'\r\n\r\n')
+        assert head.startswith(b'HTTP/1.1 408 '), answer
+        assert b'content-type: application/json' in head.lower()
+        assert json.loads(body) == {'error': 'request_timeout'}
+    assert node.get('/api/products')[0] == 200
+
+
+def test_headers_arriving_within_the_timeout_are_served(start_node,
+                                                        sqlite_url):
+    node = start_node(sqlite_url, env={'SNEAKERS23_HEADER_TIMEOUT': '2'})
+    parts = urllib.parse.urlsplit(node.url)
+    with socket.create_connection((parts.hostname, parts.port), 10) as sock:
+        sock.sendall(b'GET /api/products HTTP/1.1\r\nHost: x\r\n')
+        gevent.sleep(0.3)  # a slow but honest client
+        sock.sendall(b'Connection: close\r\n\r\n')
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        assert answer.status == 200 and json.loads(answer.read())
+
+
+def limited_node(start_node, sqlite_url, *options):
+    """A real node where loopback is not exempt from the per-IP limits."""
+    node = start_node(sqlite_url, args=['--trusted-ips', '', *options])
+    node.release(1)
+    node.release(2)
+    return node
+
+
+def too_many_requests(answer):
+    """A problem with a 429 answer, or None when it is right."""
+    problem = json_error(answer, 429, 'too_many_requests')
+    retry_after = answer and answer[1].get('retry-after', '')
+    if not problem and not (retry_after.isdigit() and int(retry_after) > 0):
+        problem = f'Retry-After {retry_after!r}'
+    return problem
+
+
+def orders_of(db_url, product_id):
+    [[count]] = db_rows(db_url, 'SELECT COUNT(*) FROM orders '
+                                'WHERE product_id = ?', (product_id,))
+    return count
+
+
+def test_one_ip_gets_n_pairs_of_a_product(start_node, sqlite_url):
+    node = limited_node(start_node, sqlite_url, '--ip-pairs', '2',
+                        '--ip-rate', '0')
+    before = node.item(ITEM)['count']
+
+    answers = buy_concurrently(node.url, [ITEM] * 20)  # no cookie: new
+                                                       # shoppers each
+    statuses = Counter(status for status, _, _ in answers)
+    assert statuses == {201: 2, 429: 18}
+    problems = {too_many_requests(a) for a in answers if a[0] == 429}
+    assert problems == {None}
+    assert node.item(ITEM)['count'] == before - 2
+    assert orders_of(node.db_url, 1) == 2
+
+    other_size = [i for i in node.products()[0]['items'] if i['count']][3]
+    same_product = node.post('/api/purchase', {'item_id': other_size['id']})
+    assert too_many_requests(same_product) is None
+    forwarded = node.post('/api/purchase', {'item_id': ITEM},
+                          headers={'X-Forwarded-For': '10.0.0.9'})
+    assert too_many_requests(forwarded) is None  # no --proxies: ignored
+    assert orders_of(node.db_url, 1) == 2
+    second = node.products()[1]['items']
+    in_stock = next(i for i in second if i['count'])
+    assert node.post('/api/purchase', {'item_id': in_stock['id']})[0] == 201
+
+
+def test_one_ip_gets_n_attempts_a_second(start_node, sqlite_url):
+    node = limited_node(start_node, sqlite_url, '--ip-rate', '5',
+                        '--ip-pairs', '0')
+    item = max(node.products()[0]['items'], key=lambda i: i['count'])
+
+    started = time.monotonic()
+    answers = buy_concurrently(node.url, [item['id']] * 30)
+    seconds = time.monotonic() - started
+
+    served = sum(status == 201 for status, _, _ in answers)
+    limited = [a for a in answers if a[0] == 429]
+    print(f'{served} bought, {len(limited)} limited in {seconds:.2f} s')
+    assert served + len(limited) == 30
+    assert 1 <= served <= 5 * (math.ceil(seconds) + 1)
+    assert {too_many_requests(a) for a in limited} == {None}
+    assert orders_of(node.db_url, 1) == served
+    assert node.item(item['id'])['count'] == item['count'] - served
+    retry_after = int(limited[0][1]['retry-after'])
+    wait_until(lambda: node.post('/api/purchase', {'item_id': item['id']}
+                                 )[0] == 201, retry_after + 5,
+               'a purchase after Retry-After', interval=0.5)
+
+
+def test_forwarded_for_is_believed_only_from_proxies(start_node, sqlite_url):
+    node = limited_node(start_node, sqlite_url, '--proxies', '127.0.0.1',
+                        '--ip-pairs', '1', '--ip-rate', '0')
+
+    def buy(forwarded_for):
+        return node.post('/api/purchase', {'item_id': ITEM},
+                         headers={'X-Forwarded-For': forwarded_for})
+
+    assert buy('10.0.0.1')[0] == 201
+    assert too_many_requests(buy('10.0.0.1')) is None
+    assert too_many_requests(buy('10.0.0.1, 127.0.0.1')) is None
+    assert buy('10.0.0.2')[0] == 201          # another client behind it
+    assert buy('10.0.0.1, 10.0.0.3')[0] == 201  # the right-most decides
+    assert too_many_requests(buy('10.0.0.3')) is None
+    assert orders_of(node.db_url, 1) == 3
+
+
+def test_wrong_admin_tokens_lock_out_the_ip(app_server):
+    server = app_server()
+    before = store_state(server.url, server.node.config.db_url)
+
+    def release(token):
+        return call(server.url, 'POST', '/admin/api/products/1/release', {},
+                    headers=admin_headers(token))
+
+    wrong = [release(f'guess-{n}') for n in range(11)]
+    assert [status for status, _, _ in wrong] == [401] * 10 + [429]
+    assert too_many_requests(wrong[-1]) is None
+    assert too_many_requests(release(TOKEN)) is None
+    restock = call(server.url, 'POST', f'/admin/api/items/{ITEM}/restock',
+                   {'count': 5}, headers=admin_headers())
+    assert too_many_requests(restock) is None
+    assert store_state(server.url, server.node.config.db_url) == before
