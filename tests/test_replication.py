@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import zmq
+from conftest import wait_until
 
 import sneakers23
 from sneakers23 import (
@@ -116,9 +117,11 @@ def test_a_silent_peer_reloads_when_silent_and_when_back(replicator):
     resync_requested(replicator)
     state.last_heard -= sneakers23.PEER_SILENT_AFTER + 1
     watcher = sneakers23.gevent.spawn(replicator._watch_peers)
-    sneakers23.gevent.sleep(sneakers23.HEARTBEAT_INTERVAL / 2)
-    watcher.kill()
-    assert state.silent and resync_requested(replicator)
+    try:
+        wait_until(lambda: state.silent, 5, 'b noticed as silent')
+    finally:
+        watcher.kill()
+    assert resync_requested(replicator)
     assert replicator.health()['b']['state'] == 'silent'
     replicator.receive(state, message(2))
     assert resync_requested(replicator)
