@@ -513,3 +513,73 @@ def curve_cluster_refuses_a_rogue_node(cluster, keys, sse):
     refused = [line.strip() for node in (a, b) for line in node.output
                if 'refused' in line]
     print('\n[log] ' + '\n[log] '.join(refused), flush=True)
+
+
+# ---------------------------------------------------------------------------
+# A stalled database
+# ---------------------------------------------------------------------------
+
+STALL = 8.0             # seconds the database stops answering
+ANSWER_WITHIN = 10.0    # generous: the spec's deadline is 3 s
+
+
+def test_stalled_database_answers_503_and_commits_no_503(private_pg,
+                                                         start_node):
+    """PostgreSQL stops answering (SIGSTOP, not dead) while shoppers buy:
+    every purchase is answered 201, 409 or 503 in time, and once the
+    database is back it holds exactly the orders of the 201s."""
+    node = start_node(private_pg.url)
+    node.release(1)
+    items = [i['id'] for i in items_of(node, 1)]
+    for item_id in items:       # never sold out: the stall must matter
+        node.restock(item_id, 100_000)
+    put_in = db_truth(private_pg.url)[1]
+    answers = []                # (status, answer, seconds, sent at)
+    stop = gevent.event.Event()
+
+    def shopper():
+        while not stop.is_set():
+            sent = time.monotonic()
+            status, _, answer = buy(node, random.choice(items))
+            answers.append((status, answer, time.monotonic() - sent, sent))
+
+    def count(status, since=0.0):
+        return sum(1 for a in answers if a[0] == status and a[3] >= since)
+
+    jobs = [gevent.spawn(shopper) for _ in range(10)]
+    try:
+        wait_until(lambda: count(201) >= 50, 10, 'purchases flowing')
+        private_pg.pause()
+        paused = time.monotonic()
+        try:
+            wait_until(lambda: count(503) >= 5
+                       and time.monotonic() - paused >= STALL,
+                       STALL + ANSWER_WITHIN,
+                       'shoppers answered 503 while the database stalls')
+        finally:
+            private_pg.resume()
+        resumed = time.monotonic()
+        wait_until(lambda: db_rows(private_pg.url, 'SELECT 1'), 10,
+                   'the database answers again')
+        wait_until(lambda: count(201, since=resumed) >= 20, ANSWER_WITHIN,
+                   'purchases succeed again after the stall')
+    finally:
+        stop.set()
+        gevent.joinall(jobs, raise_error=True)
+
+    statuses = Counter(a[0] for a in answers)
+    slowest = max(a[2] for a in answers)
+    timing(f'stalled PostgreSQL {STALL:.0f} s, {dict(statuses)}, slowest '
+           'answer', slowest)
+    assert set(statuses) <= {201, 409, 503}, statuses
+    assert {a[1]['error'] for a in answers if a[0] == 503} == {'unavailable'}
+    assert slowest < ANSWER_WITHIN
+    sold = {a[1]['order_id'] for a in answers if a[0] == 201}
+    assert len(sold) == statuses[201]
+    orders = {row[0] for row in db_rows(private_pg.url,
+                                        'SELECT id FROM orders')}
+    assert orders == sold       # no order for any 503, none lost
+    counts = db_truth(private_pg.url)[1]
+    by_item = orders_by_item(private_pg.url)
+    for item_id, stock in put_in.items():
+        assert counts[item_id] + by_item.get(item_id, 0) == stock, item_id
