@@ -425,16 +425,28 @@ def test_lost_messages_are_recovered_through_heartbeats(cluster):
     assert 'from b lost' in ''.join(a.output)   # a saw the gap
 
 
-def test_curve_cluster_refuses_a_rogue_node(tmp_path, sqlite_url, sse):
+@pytest.fixture
+def curve_cluster(tmp_path, sqlite_url):
+    """A seeded SQLite database and a peers.toml with CURVE keys (the
+    key pairs in `.keys`); nodes start in the test."""
     seed_database(sqlite_url)
     keys = {name: tuple(k.decode() for k in zmq.curve_keypair())
             for name in NAMES}
-    cluster = Cluster(tmp_path, sqlite_url,
-                      {name: pair[0] for name, pair in keys.items()})
-    try:
-        curve_cluster_refuses_a_rogue_node(cluster, keys, sse)
-    finally:
-        cluster.close()
+    group = Cluster(tmp_path, sqlite_url,
+                    {name: pair[0] for name, pair in keys.items()})
+    group.keys = keys
+    yield group
+    group.close()
+
+
+def curve_env(cluster, name):
+    return {'SNEAKERS23_CURVE_SECRET': cluster.keys[name][1],
+            'SNEAKERS23_LOG': 'INFO'}
+
+
+def test_curve_cluster_refuses_a_rogue_node(curve_cluster, sse):
+    curve_cluster_refuses_a_rogue_node(curve_cluster, curve_cluster.keys,
+                                       sse)
 
 
 def curve_cluster_refuses_a_rogue_node(cluster, keys, sse):
@@ -583,3 +595,98 @@ def test_stalled_database_answers_503_and_commits_no_503(private_pg,
     by_item = orders_by_item(private_pg.url)
     for item_id, stock in put_in.items():
         assert counts[item_id] + by_item.get(item_id, 0) == stock, item_id
+
+
+# ---------------------------------------------------------------------------
+# A rogue on a peer's address
+# ---------------------------------------------------------------------------
+
+ROGUE_HOLDS = 4.0       # seconds the rogue keeps each of its two binds
+RECOVER_WITHIN = 20.0   # generous: the spec says ~10 s
+
+# A separate process: binds a replication address as PUB with a CURVE key
+# of its own, then as plain PUB, sending heartbeats in b's name; it keeps
+# each bind until a subscriber failed a handshake with it and ROGUE_HOLDS
+# seconds passed. Prints how many handshakes failed in each.
+ROGUE = """
+import json, sys, time
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+address, holds = sys.argv[1], float(sys.argv[2])
+failed = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+          | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+          | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+context = zmq.Context()
+for curve in (True, False):
+    pub = context.socket(zmq.PUB)
+    if curve:
+        pub.curve_server = True
+        pub.curve_publickey, pub.curve_secretkey = zmq.curve_keypair()
+    monitor = pub.get_monitor_socket()
+    began = time.monotonic()
+    while True:     # the last bind may still be closing
+        try:
+            pub.bind(address)
+            break
+        except zmq.ZMQError:
+            if time.monotonic() - began > 10:
+                raise
+            time.sleep(0.05)
+    began, seen, seq = time.monotonic(), 0, 0
+    while time.monotonic() - began < 30 and not (
+            seen and time.monotonic() - began >= holds):
+        seq += 1
+        pub.send_multipart([b'inv', json.dumps(
+            {'node': 'b', 'seq': seq, 'type': 'heartbeat',
+             'boot': 'rogue'}).encode()])
+        if monitor.poll(100):
+            seen += bool(recv_monitor_message(monitor)['event'] & failed)
+    print('curve' if curve else 'plain', 'failed handshakes:', seen,
+          flush=True)
+    pub.disable_monitor()
+    monitor.close()
+    pub.close(linger=0)
+context.term()
+"""
+
+
+def peer_state(node, name):
+    return health(node)['peers'][name]
+
+
+def test_a_node_recovers_its_peer_after_a_rogue_held_its_address(
+        curve_cluster):
+    """b stops; a rogue binds b's replication address (CURVE with another
+    key, then plain) and leaves; b starts again. Without being restarted,
+    a hears b again: a release on b reaches a and a sells it."""
+    cluster = curve_cluster
+    a, b = (cluster.process(name, env=curve_env(cluster, name))
+            for name in 'ab')
+    gevent.joinall([gevent.spawn(n.start) for n in (a, b)],
+                   raise_error=True)
+    wait_until(lambda: peer_state(a, 'b')['state'] == 'connected'
+               and peer_state(b, 'a')['state'] == 'connected', 6,
+               'a and b hear each other', interval=0.05)
+
+    b.stop()
+    rogue = subprocess.run(
+        [sys.executable, '-c', ROGUE, cluster.replication['b'],
+         str(ROGUE_HOLDS)], capture_output=True, text=True, timeout=90)
+    assert rogue.returncode == 0, rogue.stderr
+    print(f'\n[rogue] {rogue.stdout.strip()}', flush=True)
+    b.start()
+    restarted = time.monotonic()
+
+    product_id = unreleased(b)[0]
+    b.release(product_id)
+    wait_until(lambda: product_id not in unreleased(a), RECOVER_WITHIN,
+               'a shows the release made on b', interval=0.1)
+    timing('rogue on b\'s address, b restarted: a sees b\'s release',
+           time.monotonic() - restarted)
+    item = next(i for i in items_of(a, product_id) if i['count'] > 0)
+    status, _, answer = buy(a, item['id'])
+    assert status == 201, answer
+    wait_until(lambda: peer_state(a, 'b')['state'] == 'connected', 5,
+               'a shows b connected')
+    assert peer_state(a, 'b')['redials'] >= 1
+    assert any('re-dialling b' in line for line in a.output), a.output
