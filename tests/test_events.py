@@ -340,7 +340,8 @@ class InProcessServer:
 
     @staticmethod
     def _events():
-        bottle.request.environ[sneakers23.STREAM_REQUEST] = (None, None)
+        bottle.request.environ[sneakers23.STREAM_REQUEST] = (
+            sneakers23.StreamRequest(None, None))
         return ''
 
     def stop(self):
@@ -668,7 +669,8 @@ def test_products_filter_hides_other_products(sqlite_node, sse):
 @pytest.mark.parametrize('query, status, error', [
     ('abc', 400, None), ('1,abc', 400, None), ('1.5', 400, None),
     ('999', 404, 'not_found'), ('1,999', 404, 'not_found'),
-    ('-1', 404, 'not_found')])
+    ('-1', 400, 'products must be a comma-separated list of ids'),
+    ('%D9%A1', 400, 'products must be a comma-separated list of ids')])
 def test_products_filter_errors_are_json(sqlite_node, query, status,
                                          error):
     got, headers, answer = sqlite_node.get(f'/events?products={query}')
