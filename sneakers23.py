@@ -1700,7 +1700,7 @@ class PeerState:
         self.silent = False
         self.messages = self.redials = 0
         self.sub = self.monitor = None
-        self.dialled = 0.0
+        self.dialled = self.first_dialled = 0.0
         self.refused = False   # its last handshake failed
 
     def as_json(self, now):
@@ -1714,8 +1714,8 @@ class PeerState:
                 'messages': self.messages, 'redials': self.redials}
 
     def quiet_for(self, now):
-        """Seconds since it was last heard, or dialled if never heard."""
-        return now - max(self.last_heard or 0.0, self.dialled)
+        """Seconds since it was last heard, or first dialled if never."""
+        return now - (self.last_heard or self.first_dialled)
 
 
 class Replicator:
@@ -1854,6 +1854,7 @@ class Replicator:
         sub.setsockopt(zmq.SUBSCRIBE, b'inv')
         sub.connect(peer.replication)
         state.sub, state.dialled = sub, time.monotonic()
+        state.first_dialled = state.first_dialled or state.dialled
 
     def _redial_if_silent(self, state):
         now = time.monotonic()
