@@ -127,6 +127,33 @@ def test_a_silent_peer_reloads_when_silent_and_when_back(replicator):
     assert replicator.health()['b']['state'] == 'connected'
 
 
+def test_a_silent_peer_is_redialled_then_again_every_interval(
+        replicator, caplog):
+    state = replicator.peers['b']
+    replicator._dial(state)
+    replicator.receive(state, message(1))
+    replicator._redial_if_silent(state)
+    assert state.redials == 0                       # just heard
+    state.last_heard -= sneakers23.PEER_REDIAL_AFTER + 0.1
+    state.dialled -= sneakers23.PEER_REDIAL_AFTER + 0.1
+    first = state.sub
+    with caplog.at_level(logging.INFO, logger='sneakers23'):
+        replicator._redial_if_silent(state)
+    assert state.redials == 1 and state.sub is not first   # a new socket
+    assert 're-dialling b' in caplog.text
+    replicator._redial_if_silent(state)
+    assert state.redials == 1                       # not again at once
+    state.dialled -= sneakers23.PEER_REDIAL_INTERVAL
+    replicator._redial_if_silent(state)
+    assert state.redials == 2
+    assert replicator.health()['b']['redials'] == 2
+    assert replicator.health()['b']['state'] == 'connected'
+    replicator.receive(state, message(2))           # heard again: no more
+    state.dialled -= sneakers23.PEER_REDIAL_INTERVAL
+    replicator._redial_if_silent(state)
+    assert state.redials == 2
+
+
 def test_messages_claiming_another_origin_are_refused(replicator):
     with pytest.raises(ValueError):
         replicator.receive(replicator.peers['b'], message(1, node='c'))
