@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from collections import namedtuple
 
 import gevent
 import pytest
@@ -297,6 +298,68 @@ def wait_until(check, timeout=5.0, message='condition', interval=0.01):
 
 
 # ---------------------------------------------------------------------------
+# Rows and in-process nodes
+# ---------------------------------------------------------------------------
+
+ProductRow = namedtuple('ProductRow', [
+    f.name for f in sneakers23.Product._meta.sorted_fields])
+
+
+def product_row(id=1, **overrides):
+    """A product row as `catalog_rows()` gives it; any field overridable."""
+    fields = dict(id=id, sku=f'P{id}', brand='B', name=f'Shoe {id}',
+                  color='c', price_cents=100, image='x.svg', position=id,
+                  released=False, release_at=None)
+    return ProductRow(**{**fields, **overrides})
+
+
+def item_row(id, product_id, count, size='9', version=1):
+    """An item row as `catalog_rows()` gives it."""
+    return (id, product_id, f'P{product_id}-{id}', size, count, version)
+
+
+class AppServer:
+    """A node and its server in this process: `.url`, `.node`, `.app`."""
+
+    def __init__(self, config):
+        self.app = sneakers23.create_app(config)
+        self.node = self.app.node
+        self.server = sneakers23.make_server(self.app, '127.0.0.1', 0)
+        try:
+            self.node.start()
+        except BaseException:
+            self.server.close()
+            raise
+        self.server.start()
+        self.url = f'http://127.0.0.1:{self.server.server_port}'
+
+    def stop(self):
+        self.server.stop(timeout=1)
+        self.node.stop()
+
+
+@pytest.fixture
+def app_server(tmp_path):
+    """`app_server(db_url=None, **config)`: a node served in this process.
+
+    On a fresh SQLite database in tmp_path unless `db_url` is given; a
+    port the kernel picks; every one stopped at the end of the test.
+    """
+    servers = []
+
+    def start(db_url=None, **config):
+        db_url = db_url or f'sqlite:///{tmp_path}/app{len(servers)}.db'
+        config = sneakers23.Config(**{'node': 't', 'db_url': db_url,
+                                      'port': 0, 'admin_token': TOKEN,
+                                      **config})
+        servers.append(AppServer(config))
+        return servers[-1]
+
+    yield start
+    for server in reversed(servers):
+        server.stop()
+
+
 # A private PostgreSQL cluster (for faults: SIGSTOP, SIGCONT)
 # ---------------------------------------------------------------------------
 
