@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import bottle
 import gevent
 import pytest
-from conftest import TOKEN, SSEClient, call, wait_until
+from conftest import SSEClient, call, wait_until
 
 import sneakers23
 
@@ -421,42 +421,8 @@ def test_hub_cuts_off_a_real_socket_that_never_reads(monkeypatch,
 
 
 # ---------------------------------------------------------------------------
-# A whole node in this process: big replays to clients that never read
+# A node in this process (app_server): big replays to clients that never read
 # ---------------------------------------------------------------------------
-
-class AppServer:
-    """A node and its server in this process: `.url`, `.node`."""
-
-    def __init__(self, config):
-        self.app = sneakers23.create_app(config)
-        self.node = self.app.node
-        self.server = sneakers23.make_server(self.app, '127.0.0.1', 0)
-        self.node.start()
-        self.server.start()
-        self.url = f'http://127.0.0.1:{self.server.server_port}'
-
-    def stop(self):
-        self.server.stop(timeout=1)
-        self.node.stop()
-
-
-@pytest.fixture
-def app_server(tmp_path):
-    """`app_server(**config)`: a node on a fresh SQLite database, served
-    in this process on a port the kernel picks."""
-    servers = []
-
-    def start(**config):
-        config = sneakers23.Config(**{
-            'node': 't', 'db_url': f'sqlite:///{tmp_path}/app.db',
-            'port': 0, 'admin_token': TOKEN, **config})
-        servers.append(AppServer(config))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
-
 
 def health_of(server):
     status, _, answer = call(server.url, 'GET', '/healthz')

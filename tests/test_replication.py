@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import zmq
-from conftest import TOKEN, call, free_port, wait_until
+from conftest import call, free_port, wait_until
 
 import sneakers23
 from sneakers23 import (
@@ -214,40 +214,6 @@ def test_peers_toml_in_the_repo_describes_three_nodes():
 # ---------------------------------------------------------------------------
 # The node's background loops, in this process
 # ---------------------------------------------------------------------------
-
-class AppServer:
-    """A node and its server in this process: `.url`, `.node`."""
-
-    def __init__(self, config):
-        self.app = sneakers23.create_app(config)
-        self.node = self.app.node
-        self.server = sneakers23.make_server(self.app, '127.0.0.1', 0)
-        self.node.start()
-        self.server.start()
-        self.url = f'http://127.0.0.1:{self.server.server_port}'
-
-    def stop(self):
-        self.server.stop(timeout=1)
-        self.node.stop()
-
-
-@pytest.fixture
-def app_server(tmp_path):
-    """`app_server(**config)`: a node on a fresh SQLite database, served
-    in this process on a port the kernel picks."""
-    servers = []
-
-    def start(**config):
-        config = sneakers23.Config(**{
-            'node': 't', 'db_url': f'sqlite:///{tmp_path}/app.db',
-            'port': 0, 'admin_token': TOKEN, **config})
-        servers.append(AppServer(config))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
-
 
 def curve_config():
     """Config fields of node a of a CURVE pair a, b (b never started)."""
