@@ -2459,6 +2459,8 @@ class Handler(WSGIHandler):
 
     def read_request(self, raw_requestline):
         try:
+            if len(raw_requestline.split()) != 3:
+                return False  # HTTP/0.9, or a line cut by a bare LF: 400
             return super().read_request(raw_requestline)
         finally:
             self._header_timer.close()
