@@ -396,10 +396,18 @@ def has_input(path, method):
     return bool(operation.get('parameters') or operation.get('requestBody'))
 
 
-FUZZED = [pytest.param(path, method, token, id=f'{method} {path} {token}')
-          for path, method in OPERATIONS
-          for token in (('right', 'wrong', 'none')
-                        if secured(path, method) else ('right',))]
+def clients(path, method):
+    """Who sends the fuzz: with the admin token, a wrong one or none;
+    for purchases, from a trusted IP (no limits) or not."""
+    if secured(path, method):
+        return ('right token', 'wrong token', 'no token')
+    if path == '/api/purchase':
+        return ('trusted ip', 'untrusted ip')
+    return ('anyone',)
+
+
+FUZZED = [pytest.param(path, method, who, id=f'{method} {path} {who}')
+          for path, method in OPERATIONS for who in clients(path, method)]
 
 LATIN1 = st.characters(min_codepoint=0x20, max_codepoint=0xff,
                        exclude_characters='\x7f')
@@ -435,10 +443,10 @@ def mutation(path, method):
     return st.one_of(kinds)
 
 
-def authorization(token):
-    if token == 'right':
+def authorization(who):
+    if who == 'right token':
         return st.just(f'Bearer {TOKEN}')
-    if token == 'none':
+    if who != 'wrong token':
         return st.none()
     return st.text(LATIN1, max_size=40).map(
         lambda text: text.strip() and f'Bearer {text}' or 'Bearer x'
@@ -476,15 +484,18 @@ def sent(request):
             f'headers: {dict(request.headers)}\nbody: {body!r}')
 
 
-@pytest.mark.parametrize('path, method, token', FUZZED)
-def test_fuzz(start_local, path, method, token):
+@pytest.mark.parametrize('path, method, who', FUZZED)
+def test_fuzz(start_local, path, method, who):
     """Never a 5xx; every answer as documented; a 4xx is JSON with an
     `error` and changes nothing."""
-    local = start_local()
+    limited = {'trusted_ips': (), 'ip_pairs': 1, 'ip_rate': 50}
+    local = start_local(**(limited if who == 'untrusted ip' else {}))
     release(local, 1)  # sales to make: 201, sold_out, already_purchased
     operation = SCHEMA[path][method]
     # The right token is not the fuzzer's to break: a fixed header.
-    fixed = {'Authorization': f'Bearer {TOKEN}'} if token == 'right' else {}
+    fixed = {}
+    if who == 'right token':
+        fixed = {'Authorization': f'Bearer {TOKEN}'}
     cases = [operation.as_strategy(GenerationMode.POSITIVE, headers=fixed)]
     if has_input(path, method):
         cases.append(operation.as_strategy(GenerationMode.NEGATIVE,
@@ -495,7 +506,7 @@ def test_fuzz(start_local, path, method, token):
 
     @FUZZ
     @hypothesis.given(case=st.one_of(cases), bend=mutation(path, method),
-                      auth=authorization(token))
+                      auth=authorization(who))
     def fuzz(case, bend, auth):
         case.headers = dict(case.headers or {})
         case.headers.pop('Authorization', None)
@@ -532,4 +543,4 @@ def test_fuzz(start_local, path, method, token):
                 from None
 
     fuzz()
-    print(f'{method} {path} with {token} token: answers {seen}')
+    print(f'{method} {path}, {who}: answers {seen}')
