@@ -342,6 +342,13 @@ def test_the_read_routes_answer_as_documented(local):
     assert answer.json() == {'error': 'not_found'}
 
 
+def test_a_dead_loop_makes_healthz_503_as_documented(local):
+    local.node.loops()['lag-probe'].greenlet.kill()
+    answer = local.request('GET', '/healthz')
+    assert answer.status_code == 503
+    conforms('/healthz', 'GET', answer)
+
+
 def raw_exchange(local, data, timeout=10):
     """Send raw bytes; the status and body of the answer."""
     with socket.create_connection(
