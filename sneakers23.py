@@ -1282,9 +1282,15 @@ def format_event(name, data, event_id):
     return f'id: {event_id}\nevent: {name}\ndata: {payload}\n\n'.encode()
 
 
+# One list for every call: Bottle caches a compiled template under the
+# id() of its lookup list, and a new list per call (whose id is now and
+# then new) added a compiled copy for good: +4.6 MB a minute in the soak.
+VIEWS_LOOKUP = [VIEWS_DIR]
+
+
 def render(name, **context):
     """Render a template from `views/`."""
-    return bottle.template(name, template_lookup=[VIEWS_DIR], **context)
+    return bottle.template(name, template_lookup=VIEWS_LOOKUP, **context)
 
 
 def size_html(product):
