@@ -17,12 +17,17 @@ monkey.patch_all()
 
 import _socket
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -32,9 +37,10 @@ import sys
 import time
 import tomllib
 import urllib.parse
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import bottle
 import gevent
@@ -42,6 +48,7 @@ import gevent.event
 import gevent.lock
 import gevent.queue
 import gevent.threadpool
+import greenlet
 import peewee
 import zmq.green as zmq
 from gevent.pywsgi import WSGIHandler, WSGIServer
@@ -91,37 +98,61 @@ SHOPPER_COOKIE = 's23_shopper'
 SHOPPER_MAX_AGE = 90 * 24 * 3600
 MAX_BODY = 4096
 MAX_RESTOCK = 1_000_000
+MAX_STOCK = 1_000_000_000   # fits a 32-bit integer column on every database
 MAX_BATCH = 256
 PG_POOL_SIZE = 4
-SQLITE_LOCK_WAIT = 5.0
+DB_DEADLINE = 3.0           # a write not done by then answers 503
+DB_DEADLINE_MARGIN = 0.5    # clock skew allowed between node and database
 SQLITE_LOCK_RETRY = 0.002
+HEADER_TIMEOUT = float(os.environ.get('SNEAKERS23_HEADER_TIMEOUT') or 5)
 LAG_PROBE_INTERVAL = 0.05
 LAG_WINDOW = 10.0
+LOOP_ERROR_PAUSE = 0.1
+HOUSEKEEPING_INTERVAL = 10.0
+
+IP_PAIRS, IP_RATE = 4, 20
+TRUSTED_IPS = ('127.0.0.1', '::1')
+ADMIN_FAILURES, ADMIN_REFILL = 10, 6.0   # wrong tokens per IP, s per one
+PAIRS_RETRY_AFTER = 3600
 
 SSE_RETRY_MS = 2000
 SSE_KEEPALIVE = 15.0
 SSE_BUFFER = 4096
 SSE_MAX_PENDING = 256 * 1024
+SSE_STALL_TIMEOUT = 30.0
 SSE_FAN_OUT_SLICE = 1000
 SSE_THREAD_FROM = 2000
 SO_SNDBUF = 64 * 1024
 
 HEARTBEAT_INTERVAL = 1.0
 PEER_SILENT_AFTER = 3.0
+PEER_REDIAL_AFTER = 3.0
+PEER_REDIAL_INTERVAL = 2.0
+ZMQ_HEARTBEAT_MS = 1000
 ZAP_ENDPOINT = 'inproc://zeromq.zap.01'
 
 
 class Sneakers23Error(Exception): pass
 class ConfigError(Sneakers23Error): pass
+class Refused(Sneakers23Error): pass
 class Unavailable(Sneakers23Error): pass
+class DeadlinePassed(Unavailable): pass
 
 
 class ApiError(Sneakers23Error):
     """An error answered to an HTTP client as `{"error": code}`."""
 
-    def __init__(self, status, code):
+    def __init__(self, status, code, **headers):
         super().__init__(code)
-        self.status, self.code = status, code
+        self.status, self.code, self.headers = status, code, headers
+
+
+class TooMany(ApiError):
+    """429: a client over one of its limits, told when to come back."""
+
+    def __init__(self, retry_after):
+        super().__init__(429, 'too_many_requests',
+                         **{'Retry-After': str(max(1, int(retry_after)))})
 
 
 @dataclass
@@ -140,6 +171,10 @@ class Config:
     public_key: str = ''
     curve_secret: str = ''
     drop_rate: float = 0.0   # test-only: lose this share of messages
+    ip_pairs: int = IP_PAIRS
+    ip_rate: float = IP_RATE
+    trusted_ips: tuple = TRUSTED_IPS
+    proxies: tuple = ()
 
 
 @dataclass
@@ -168,7 +203,7 @@ def utcnow():
 
 def load_cluster(path, node):
     """Read `peers.toml`: the config fields of node `node`."""
-    nodes, db_url = _read_cluster_file(path)
+    nodes, db_url, limits = _read_cluster_file(path)
     if node not in nodes:
         known = ', '.join(sorted(nodes)) or 'none'
         raise ConfigError(f'node {node!r} is not in {path} (nodes: {known})')
@@ -186,11 +221,12 @@ def load_cluster(path, node):
              for name, spec in nodes.items() if name != node}
     return dict(node=node, host=host, port=port, db_url=db_url,
                 peers=peers, replication=me.get('replication', ''),
-                public_key=me.get('public_key', ''))
+                public_key=me.get('public_key', ''), **limits)
 
 
 def _read_cluster_file(path):
-    """The `nodes` table and database URL of a peers.toml."""
+    """The `nodes` table, database URL and per-IP limits of a
+    peers.toml."""
     try:
         with open(path, 'rb') as f:
             doc = tomllib.load(f)
@@ -208,7 +244,10 @@ def _read_cluster_file(path):
         folder = os.path.dirname(os.path.abspath(path))
         relative = db_url[len('sqlite:///'):]
         db_url = f"sqlite:///{os.path.join(folder, relative)}"
-    return nodes, db_url
+    limits = {key: doc[key] for key in ('ip_pairs', 'ip_rate',
+                                        'trusted_ips', 'proxies')
+              if key in doc}
+    return nodes, db_url, limits
 
 
 def _split_hostport(text, path, node):
@@ -217,6 +256,85 @@ def _split_hostport(text, path, node):
     if not host or not port.isdigit():
         raise ConfigError(f'{path}: nodes.{node}.http must be "host:port"')
     return host, int(port)
+
+
+# ---------------------------------------------------------------------------
+# Background loops
+# ---------------------------------------------------------------------------
+
+class Loop:
+    """A named background loop: `start()` / `stop()`, a shutdown Event as
+    its sleep, and every iteration guarded, so that it never dies silently.
+
+    `step()` is one iteration; with an `interval`, the loop sleeps that
+    long before each one. A failed iteration is logged and counted.
+    """
+
+    def __init__(self, name, step, interval=0.0):
+        self.name, self.step, self.interval = name, step, interval
+        self.errors = 0
+        self.greenlet = None
+        self._shutdown = gevent.event.Event()
+
+    def start(self):
+        self.greenlet = gevent.spawn(self._run)
+        self.greenlet.name = self.name
+        return self
+
+    def stop(self):
+        self._shutdown.set()
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
+
+    @property
+    def state(self):
+        """`running`, `stopped`, or `dead` (ended by itself)."""
+        if self._shutdown.is_set():
+            return 'stopped'
+        if self.greenlet is not None and self.greenlet.dead:
+            return 'dead'
+        return 'running'
+
+    def _run(self):
+        while not self._shutdown.is_set():
+            if self.interval and self._shutdown.wait(self.interval):
+                return
+            try:
+                self.step()
+            except Exception:
+                self.errors += 1
+                logger.exception('%s: an iteration failed', self.name)
+                self._shutdown.wait(LOOP_ERROR_PAUSE)
+
+
+class LagProbe:
+    """How late the gevent hub wakes a sleeping greenlet: a stalled hub
+    (blocking I/O, long CPU work) shows here, in /healthz."""
+
+    def __init__(self, interval=LAG_PROBE_INTERVAL, window=LAG_WINDOW):
+        self._lateness = deque(maxlen=int(window / interval))
+        self._asleep = time.perf_counter()
+        self.loop = Loop('lag-probe', self._measure, interval)
+
+    def start(self):
+        self._asleep = time.perf_counter()
+        self.loop.start()
+
+    def stop(self):
+        self.loop.stop()
+
+    def stats(self):
+        """The latest and the worst lateness in the window, in ms."""
+        worst = max(self._lateness, default=0.0)
+        latest = self._lateness[-1] if self._lateness else 0.0
+        return {'latest': round(latest * 1000, 1),
+                'max_10s': round(worst * 1000, 1)}
+
+    def _measure(self):
+        now = time.perf_counter()
+        late = now - self._asleep - self.loop.interval
+        self._lateness.append(max(0.0, late))
+        self._asleep = now
 
 
 # ---------------------------------------------------------------------------
@@ -287,11 +405,60 @@ def _open_postgresql(parts):
     name = parts.path.lstrip('/')
     if not name:
         raise ConfigError('a PostgreSQL URL needs a database name')
+    # Deadlines the server enforces itself, and TCP keepalives so that a
+    # connection to a vanished host fails instead of waiting for ever.
+    ms = int(DB_DEADLINE * 1000)
+    options = (f'-c statement_timeout={ms} -c lock_timeout={ms} '
+               f'-c idle_in_transaction_session_timeout={ms * 10}')
     return PooledPostgresqlDatabase(
         name, user=parts.username, password=parts.password,
         host=parts.hostname or '127.0.0.1', port=parts.port or 5432,
         max_connections=PG_POOL_SIZE + 2, stale_timeout=300,
-        connect_timeout=3)
+        connect_timeout=max(1, int(DB_DEADLINE)), options=options,
+        keepalives=1, keepalives_idle=5, keepalives_interval=2,
+        keepalives_count=2)
+
+
+# A purchase answered 503 must never be committed later. A stalled
+# PostgreSQL (SIGSTOP, a frozen VM) would otherwise run a COMMIT that sat
+# in its socket long after the node gave up: this deferred trigger makes
+# the COMMIT itself fail once the deadline the node set has passed.
+PG_DEADLINE_SQL = (
+    "SELECT pg_advisory_xact_lock(2323)",
+    """CREATE OR REPLACE FUNCTION sneakers23_deadline() RETURNS trigger AS $$
+    BEGIN
+      IF coalesce(current_setting('sneakers23.deadline', true), '') <> ''
+         AND clock_timestamp() >
+             current_setting('sneakers23.deadline')::timestamptz THEN
+        RAISE EXCEPTION 'sneakers23: the deadline passed before COMMIT'
+          USING ERRCODE = '57014';
+      END IF;
+      RETURN NULL;
+    END $$ LANGUAGE plpgsql""",
+    "DROP TRIGGER IF EXISTS availability_deadline ON availability",
+    """CREATE CONSTRAINT TRIGGER availability_deadline
+    AFTER UPDATE ON availability DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION sneakers23_deadline()""")
+
+
+def install_deadline_trigger():
+    """On PostgreSQL, make a late COMMIT fail (see PG_DEADLINE_SQL)."""
+    if isinstance(db.obj, SqliteDatabase):
+        return
+    with db.atomic():
+        for sql in PG_DEADLINE_SQL:
+            db.execute_sql(sql)
+
+
+def set_commit_deadline(deadline):
+    """The wall-clock moment after which this transaction may not commit
+    (PostgreSQL; SQLite checks `deadline` itself before COMMIT)."""
+    if isinstance(db.obj, SqliteDatabase):
+        return
+    left = deadline - time.monotonic()
+    moment = datetime.now(UTC) + timedelta(seconds=left)
+    db.execute_sql("SELECT set_config('sneakers23.deadline', %s, true)",
+                   (moment.isoformat(),))
 
 
 def redact(url):
@@ -339,7 +506,9 @@ class Prepared:
         return db.execute_sql(sql, params).fetchall()
 
     def _compile(self, args):
-        key = (id(db.obj), tuple(type(a) for a in args))
+        # Keyed by the database object itself, not its id(): ids of
+        # dead objects are reused (PostgreSQL once got SQLite's SQL).
+        key = (db.obj, tuple(type(a) for a in args))
         if key not in self._compiled:
             stand_ins = [_stand_in(n, a) for n, a in enumerate(args)]
             sql, params = self.build(*stand_ins).sql()
@@ -352,63 +521,79 @@ class Prepared:
 
 
 class DatabaseRunner:
-    """Runs a node's database work without stalling the gevent hub.
+    """Runs a node's database work without stalling the gevent hub, and
+    never past a deadline.
 
     PostgreSQL work runs in the calling greenlet, made cooperative by
-    psycogreen, at most `PG_POOL_SIZE` at a time. SQLite has no
-    cooperative driver. Its writes run in one greenlet that owns the
+    psycogreen, at most `PG_POOL_SIZE` at a time, under a gevent Timeout
+    (psycopg2 closes a connection whose wait was interrupted). SQLite has
+    no cooperative driver. Its writes run in one greenlet that owns the
     connection: transactions are short (group commit, prepared queries),
     and when another process holds the write lock the greenlet sleeps and
-    retries instead of waiting inside SQLite. A native thread was tried
-    for writes: every statement then waited for the GIL to come back from
-    the busy hub (14 ms p50 writes at 1,000 writes/s, against 2 ms here).
-    Whole-catalogue reads do go to a thread, with a connection of its own
-    (WAL lets them run beside the writes), so a reload never stalls.
+    retries instead of waiting inside SQLite, until the deadline. A native
+    thread was tried for writes: every statement then waited for the GIL
+    to come back from the busy hub (14 ms p50 writes at 1,000 writes/s,
+    against 2 ms here). Whole-catalogue reads do go to a thread, with a
+    connection of its own (WAL lets them run beside the writes).
     """
 
     def __init__(self, database):
         self.database = database
         self.is_sqlite = isinstance(database, SqliteDatabase)
         self._slots = gevent.lock.BoundedSemaphore(PG_POOL_SIZE)
+        self.loops = []
         if self.is_sqlite:
             self._jobs = gevent.queue.Queue()
-            self._owner = gevent.spawn(self._own_connection)
+            self.loops.append(Loop('sqlite-writer', self._run_next_job))
             self._reader = gevent.threadpool.ThreadPool(1)
 
-    def run(self, fn, *args):
-        """Call `fn(*args)` with a database connection; return its result."""
+    def start(self):
+        for loop in self.loops:
+            loop.start()
+
+    def run(self, fn, *args, deadline=None):
+        """Call `fn(*args)` with a database connection; return its result.
+
+        Raises DeadlinePassed when it is not done by `deadline` (a
+        `time.monotonic()` moment; default DB_DEADLINE from now).
+        """
+        deadline = deadline or time.monotonic() + DB_DEADLINE
         if not self.is_sqlite:
-            with self._slots, db.connection_context():
-                return fn(*args)
+            return self._run_pooled(fn, args, deadline)
         result = gevent.event.AsyncResult()
-        self._jobs.put((fn, args, result))
+        self._jobs.put((fn, args, deadline, result))
         return result.get()
 
     def read(self, fn, *args):
         """Like `run`, for big reads: on SQLite, off the hub's thread."""
         if not self.is_sqlite:
             return self.run(fn, *args)
-        return self._reader.apply(self._read_in_thread, (fn, args))
+        with _deadline(time.monotonic() + DB_DEADLINE * 3):
+            return self._reader.apply(self._read_in_thread, (fn, args))
 
     def close(self):
         """Close the connections (and the SQLite reader thread)."""
         if not self.is_sqlite:
             return db.close_all()
         self.run(db.close)
-        self._owner.kill()
+        for loop in self.loops:
+            loop.stop()
         self._reader.apply(db.close)
         self._reader.kill()
 
-    def _own_connection(self):
-        while True:
-            fn, args, result = self._jobs.get()
-            try:
-                result.set(self._retry_when_locked(fn, args))
-            except Exception as e:  # the caller gets it
-                result.set_exception(e)
+    def _run_pooled(self, fn, args, deadline):
+        with _deadline(deadline):
+            with self._slots, db.connection_context():
+                return fn(*args)
 
-    def _retry_when_locked(self, fn, args):
-        deadline = time.monotonic() + SQLITE_LOCK_WAIT
+    def _run_next_job(self):
+        fn, args, deadline, result = self._jobs.get()
+        try:
+            result.set(self._retry_when_locked(fn, args, deadline))
+        except Exception as e:  # the caller gets it
+            result.set_exception(e)
+
+    def _retry_when_locked(self, fn, args, deadline):
         while True:
             try:
                 if db.is_closed():
@@ -416,14 +601,24 @@ class DatabaseRunner:
                     db.execute_sql('PRAGMA busy_timeout = 0')
                 return fn(*args)
             except OperationalError as e:
-                if 'locked' not in str(e) or time.monotonic() > deadline:
+                if 'locked' not in str(e):
                     raise
+                if time.monotonic() > deadline:
+                    raise DeadlinePassed('the database stayed locked') \
+                        from None
                 gevent.sleep(SQLITE_LOCK_RETRY)
 
     def _read_in_thread(self, fn, args):
         if db.is_closed():
             db.connect()
         return fn(*args)
+
+
+def _deadline(deadline):
+    """A gevent Timeout raising DeadlinePassed at `deadline`."""
+    return gevent.Timeout(max(0.0, deadline - time.monotonic()),
+                          DeadlinePassed('the database did not answer in '
+                                         'time'))
 
 
 # ---------------------------------------------------------------------------
@@ -485,8 +680,9 @@ class Availability(BaseModel):
 
     @classmethod
     def add(cls, item_id, count):
-        """Put `count` more pairs on an item: (count, version)."""
-        return _first(cls._add.rows(item_id, count))
+        """Put `count` more pairs on an item: (count, version), or None
+        when it has no such item or would hold more than MAX_STOCK."""
+        return _first(cls._add.rows(item_id, count, MAX_STOCK))
 
 
 class Order(BaseModel):
@@ -533,11 +729,12 @@ Availability._take = Prepared(lambda item_id, pairs: (
             version=Availability.version + 1)
     .where((Availability.item == item_id) & (Availability.count >= pairs))
     .returning(Availability.count, Availability.version)))
-Availability._add = Prepared(lambda item_id, pairs: (
+Availability._add = Prepared(lambda item_id, pairs, most: (
     Availability
     .update(count=Availability.count + pairs,
             version=Availability.version + 1)
-    .where(Availability.item == item_id)
+    .where((Availability.item == item_id)
+           & (Availability.count + pairs <= most))
     .returning(Availability.count, Availability.version)))
 ORDER_COLUMNS = ('item', 'product', 'shopper', 'node', 'created_at')
 Order._insert_rows = Prepared(lambda *values: (
@@ -800,25 +997,37 @@ class Inventory:
 # Write path: purchases, releases, restocks in group commits
 # ---------------------------------------------------------------------------
 
+def _deadline_from_now():
+    return time.monotonic() + DB_DEADLINE
+
+
 @dataclass(eq=False)
-class Purchase:
+class Job:
+    """A write waiting for the next batch: its result, its deadline."""
+
+    result: gevent.event.AsyncResult = field(
+        default_factory=gevent.event.AsyncResult, kw_only=True)
+    deadline: float = field(default_factory=_deadline_from_now,
+                            kw_only=True)
+    taken: bool = field(default=False, kw_only=True)
+    abandoned: bool = field(default=False, kw_only=True)
+
+
+@dataclass(eq=False)
+class Purchase(Job):
     """One shopper's request for one item, on its way to the database."""
 
     item_id: int
     product_id: int
     shopper: str
-    result: gevent.event.AsyncResult = field(
-        default_factory=gevent.event.AsyncResult)
 
 
 @dataclass(eq=False)
-class Write:
+class Write(Job):
     """Any other write (a release, a restock) riding the next batch."""
 
     fn: object
     args: tuple
-    result: gevent.event.AsyncResult = field(
-        default_factory=gevent.event.AsyncResult)
 
 
 @dataclass
@@ -831,14 +1040,19 @@ class Placed:
 SOLD_OUT, ALREADY_PURCHASED = 'sold_out', 'already_purchased'
 
 
-def commit_batch(purchases, writes, node):
-    """Everything that arrived together, in one transaction (group commit).
+def commit_batch(purchases, writes, node, deadline):
+    """Everything that arrived together, in one transaction (group commit),
+    committed only before `deadline` (else DeadlinePassed, nothing kept).
 
     Returns (what each write returned or raised, each purchase's outcome).
     """
     with db.atomic():
+        set_commit_deadline(deadline)
         done = [_in_savepoint(w.fn, *w.args) for w in writes]
-        return done, place_orders(purchases, node)
+        outcomes = place_orders(purchases, node)
+        if time.monotonic() > deadline:
+            raise DeadlinePassed('the batch missed its deadline')
+        return done, outcomes
 
 
 def _in_savepoint(fn, *args):
@@ -918,8 +1132,13 @@ class WritePath:
         self.runner, self.inventory, self.node = runner, inventory, node
         self._queue = gevent.queue.Queue()
         workers = 1 if runner.is_sqlite else PG_POOL_SIZE
-        self._workers = [gevent.spawn(self._commit_loop)
-                         for _ in range(workers)]
+        self.loops = [Loop(f'commit-{n}', self._commit_next)
+                      for n in range(1, workers + 1)]
+
+    def start(self):
+        self.runner.start()
+        for loop in self.loops:
+            loop.start()
 
     def load(self):
         """(Re)load the whole inventory from the database."""
@@ -935,10 +1154,12 @@ class WritePath:
             self.inventory.item_changed(item_id, count, version, local=False)
 
     def buy(self, item, shopper):
-        """Place one order; returns Placed, SOLD_OUT or ALREADY_PURCHASED."""
-        purchase = Purchase(item.id, item.product_id, shopper)
-        self._queue.put(purchase)
-        return purchase.result.get()
+        """Place one order; returns Placed, SOLD_OUT or ALREADY_PURCHASED.
+
+        Raises Unavailable when the database did not commit it by the
+        deadline; it is then never committed later.
+        """
+        return self._submit(Purchase(item.id, item.product_id, shopper))
 
     def release(self, product_id):
         """Release a product; True if this call released it."""
@@ -957,33 +1178,69 @@ class WritePath:
 
     def stop(self):
         """Stop taking purchases and close the database."""
-        gevent.killall(self._workers)
+        for loop in self.loops:
+            loop.stop()
         self.runner.close()
 
     def _write(self, fn, *args):
         """Run `fn(*args)` in the next batch's transaction; its result."""
-        write = Write(fn, args)
-        self._queue.put(write)
-        return write.result.get()
+        return self._submit(Write(fn, args))
 
-    def _commit_loop(self):
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                self._commit(batch)
-            except Exception as e:
+    def _submit(self, job):
+        """Queue a job; its result, or Unavailable after its deadline.
+
+        On PostgreSQL a late COMMIT fails by itself (the deadline
+        trigger). SQLite commits in this process and checks the deadline
+        just before COMMIT: a job already in a transaction is waited for,
+        so that its answer is always the truth.
+        """
+        self._queue.put(job)
+        left = job.deadline + DB_DEADLINE_MARGIN - time.monotonic()
+        try:
+            return job.result.get(timeout=left)
+        except gevent.Timeout:
+            if job.taken and self.runner.is_sqlite:
+                return job.result.get()
+            job.abandoned = True
+            raise DeadlinePassed('no answer from the database') from None
+
+    def _commit_next(self):
+        """Take what is queued (up to MAX_BATCH) and commit it together."""
+        batch = self._live([self._queue.get()])
+        while len(batch) < MAX_BATCH and not self._queue.empty():
+            batch += self._live([self._queue.get_nowait()])
+        if not batch:
+            return
+        try:
+            self._commit(batch)
+        except Exception as e:
+            if not isinstance(e, Unavailable):
                 logger.exception('a batch of %d writes failed', len(batch))
-                for job in batch:
-                    if not job.result.ready():
-                        job.result.set_exception(Unavailable(str(e)))
+            for job in batch:
+                if not job.result.ready():
+                    job.result.set_exception(
+                        e if isinstance(e, Unavailable)
+                        else Unavailable(str(e)))
+
+    @staticmethod
+    def _live(jobs):
+        """The jobs whose requester still waits; they are taken now."""
+        now, live = time.monotonic(), []
+        for job in jobs:
+            if job.abandoned or now > job.deadline:
+                job.result.set_exception(DeadlinePassed('too late'))
+            else:
+                job.taken = True
+                live.append(job)
+        return live
 
     def _commit(self, batch):
         purchases = [job for job in batch if isinstance(job, Purchase)]
         writes = [job for job in batch if isinstance(job, Write)]
-        done, outcomes = self.runner.run(commit_batch, purchases, writes,
-                                         self.node)
+        deadline = min(job.deadline for job in batch)
+        done, outcomes = self.runner.run(
+            commit_batch, purchases, writes, self.node, deadline,
+            deadline=deadline + DB_DEADLINE_MARGIN)
         for write, result in zip(writes, done, strict=True):
             if isinstance(result, DatabaseError):
                 write.result.set_exception(Unavailable(str(result)))
@@ -1084,12 +1341,13 @@ class Stream:
     """
 
     __slots__ = ('sock', 'cursor', 'products', 'pending', 'reader',
-                 'writer')
+                 'writer', 'progress')
 
     def __init__(self, sock, cursor, products):
         self.sock, self.cursor, self.products = sock, cursor, products
-        self.pending = b''
+        self.pending = b''   # bytes, or a memoryview of shared bytes
         self.reader = self.writer = None
+        self.progress = time.monotonic()   # when it last took bytes
 
 
 class EventHub:
@@ -1111,11 +1369,11 @@ class EventHub:
         self._ring = deque(maxlen=buffer_size)
         self._streams = set()
         self._dirty = gevent.event.Event()
-        self._shutdown = gevent.event.Event()
         self._loop = gevent.get_hub().loop
-        self._fan_out_greenlet = None
         self._sender = gevent.threadpool.ThreadPool(1)
         self._sending, self._closing = False, []
+        self._openings = {}   # (seq, cursor, products) -> shared bytes
+        self.loops = [Loop('fan-out', self._fan_out_next)]
 
     @property
     def last_event_id(self):
@@ -1127,12 +1385,12 @@ class EventHub:
 
     def start(self):
         self._sender.apply(int)  # start its thread now, not mid-drop
-        self._fan_out_greenlet = gevent.spawn(self._fan_out_loop)
+        for loop in self.loops:
+            loop.start()
 
     def stop(self):
-        self._shutdown.set()
-        if self._fan_out_greenlet:
-            self._fan_out_greenlet.kill()
+        for loop in self.loops:
+            loop.stop()
         for stream in list(self._streams):
             self._close(stream)
 
@@ -1159,24 +1417,45 @@ class EventHub:
 
     # -- opening a stream ----------------------------------------------
 
-    def opening(self, products=None, last_event_id=None):
-        """(cursor, first bytes): `retry:` plus missed events or snapshot."""
-        head = f'retry: {SSE_RETRY_MS}\n\n'.encode()
-        cursor = self._resume_cursor(last_event_id)
-        missed = None if cursor is None else self._since(cursor, products)
-        if missed is None:
-            return self.seq, head + self._snapshot(products)
-        return self.seq, head + missed
+    def adopt(self, sock, request):
+        """Own a connected non-blocking socket and send it the opening:
+        headers, `retry:`, then the missed events or a snapshot.
 
-    def adopt(self, sock, cursor, products):
-        """Own a connected socket whose opening bytes were sent."""
-        stream = Stream(sock, cursor, products)
+        The opening is bounded like everything else a stream is sent: a
+        client that asks for more than it reads is cut off. Streams that
+        ask for the same opening share one bytes object.
+        """
+        cursor, opening = self.opening(*request)
+        stream = Stream(sock, cursor, request.products)
         stream.reader = self._loop.io(sock.fileno(), 1)
         stream.reader.start(self._on_readable, stream)
         self._streams.add(stream)
+        self._send(stream, SSE_HEAD)
+        if stream in self._streams:
+            self._send(stream, opening)
         if cursor < self.seq:
             self._dirty.set()
         return stream
+
+    def opening(self, products=None, last_event_id=None):
+        """(cursor, bytes): `retry:` plus the missed events, or a snapshot
+        when they are gone from the buffer or too many to replay."""
+        cursor = self._resume_cursor(last_event_id)
+        products = None if products is None else frozenset(products)
+        key = (self.seq, cursor, products)
+        if key not in self._openings:
+            if len(self._openings) > 64 or any(
+                    seq != self.seq for seq, _, _ in self._openings):
+                self._openings.clear()
+            self._openings[key] = self._make_opening(cursor, products)
+        return self.seq, self._openings[key]
+
+    def _make_opening(self, cursor, products):
+        head = f'retry: {SSE_RETRY_MS}\n\n'.encode()
+        missed = None if cursor is None else self._since(cursor, products)
+        if missed is None or len(missed) > SSE_MAX_PENDING // 2:
+            return head + self._snapshot(products)
+        return head + missed
 
     def _snapshot(self, products):
         chosen = [p for p in self.inventory.ordered()
@@ -1206,21 +1485,19 @@ class EventHub:
 
     # -- writing ---------------------------------------------------------
 
-    def _fan_out_loop(self):
-        while not self._shutdown.is_set():
-            woken = self._dirty.wait(SSE_KEEPALIVE)
-            self._dirty.clear()
-            try:
-                self._fan_out() if woken else self._keep_alive()
-            except Exception:
-                logger.exception('SSE fan-out failed')
+    def _fan_out_next(self):
+        woken = self._dirty.wait(SSE_KEEPALIVE)
+        self._dirty.clear()
+        self._fan_out() if woken else self._keep_alive()
 
     def _fan_out(self):
         """Send every stream the events after its cursor.
 
         The hot loop of a drop: streams at the same cursor with the same
         filter share one bytes object, and a send the kernel takes whole
-        (the usual case) costs one syscall and nothing else.
+        (the usual case) costs one syscall and nothing else. A cursor
+        moves once its bytes were handed over (sent or pending), so a
+        failure half-way resends rather than skips.
         """
         target, chunks, direct = self.seq, {}, []
         for stream in list(self._streams):
@@ -1229,12 +1506,17 @@ class EventHub:
             key = (stream.cursor, stream.products)
             if key not in chunks:
                 chunks[key] = self._since(*key)
-            chunk, stream.cursor = chunks[key], target
+            chunk = chunks[key]
             if stream.pending or chunk is None:
                 self._send(stream, chunk)
+                stream.cursor = target
             elif chunk:
                 direct.append((stream, chunk))
+            else:
+                stream.cursor = target
         self._send_direct(direct)
+        for stream, _ in direct:
+            stream.cursor = target
 
     def _send_direct(self, pairs):
         """Write whole chunks to streams with nothing pending.
@@ -1277,11 +1559,25 @@ class EventHub:
             if n % SSE_FAN_OUT_SLICE == 0:
                 gevent.sleep(0)
 
+    def cut_stalled(self):
+        """Cut off streams that took no byte for SSE_STALL_TIMEOUT while
+        bytes waited for them: a client that stopped reading, even when
+        too few events flow to fill its pending bound."""
+        now = time.monotonic()
+        for stream in list(self._streams):
+            if (stream.pending
+                    and now - stream.progress > SSE_STALL_TIMEOUT):
+                self._close(stream, cut_off=True)
+
     def _send(self, stream, data):
         """Write without ever waiting; keep the rest, bounded."""
         if data is None:  # it fell out of the ring: resume impossible
             return self._close(stream, cut_off=True)
-        stream.pending += data
+        if stream.pending:
+            stream.pending = bytes(stream.pending) + data
+        else:
+            stream.pending = data  # shared with other streams: no copy
+            stream.progress = time.monotonic()
         if stream.writer is None:
             self._flush(stream)
         if stream not in self._streams:
@@ -1299,7 +1595,10 @@ class EventHub:
             return
         except OSError:
             return self._close(stream)
-        stream.pending = stream.pending[sent:]
+        if sent:
+            stream.progress = time.monotonic()
+        left = memoryview(stream.pending)[sent:]
+        stream.pending = left if left else b''
 
     def _on_writable(self, stream):
         self._flush(stream)
@@ -1399,7 +1698,10 @@ class PeerState:
         self.peer = peer
         self.boot = self.last_seq = self.last_heard = None
         self.silent = False
-        self.messages = 0
+        self.messages = self.redials = 0
+        self.sub = self.monitor = None
+        self.dialled = 0.0
+        self.refused = False   # its last handshake failed
 
     def as_json(self, now):
         if self.last_heard is None:
@@ -1409,7 +1711,11 @@ class PeerState:
             lag = round((now - self.last_heard) * 1000)
         return {'address': self.peer.replication, 'state': state,
                 'last_seq': self.last_seq, 'lag_ms': lag,
-                'messages': self.messages}
+                'messages': self.messages, 'redials': self.redials}
+
+    def quiet_for(self, now):
+        """Seconds since it was last heard, or dialled if never heard."""
+        return now - max(self.last_heard or 0.0, self.dialled)
 
 
 class Replicator:
@@ -1431,29 +1737,29 @@ class Replicator:
         self.context = zmq.Context()
         self._pub = None
         self._keys = None
-        self._shutdown = gevent.event.Event()
         self._resync_wanted = gevent.event.Event()
-        self._greenlets = []
+        self.loops = [Loop('heartbeat', self._heartbeat, HEARTBEAT_INTERVAL),
+                      Loop('watch-peers', self._watch_peers,
+                           HEARTBEAT_INTERVAL / 4),
+                      Loop('resync', self._resync_next)]
+        self.loops += [Loop(f'listen-{name}', lambda s=state: self._listen(s))
+                       for name, state in sorted(self.peers.items())]
 
     def start(self):
         """Bind PUB, subscribe to every peer, start the loops."""
         self._keys = curve_keys(self.config)
         if self._keys:
-            self._spawn(self._serve_zap, self._bind_zap())
+            zap = self._bind_zap()
+            self.loops.append(Loop('zap', lambda: self._answer_zap(zap)))
         self._pub = self._bind_pub()
-        for state in self.peers.values():
-            self._spawn(self._listen, state)
-        for loop in (self._heartbeat, self._watch_peers, self._resync_loop):
-            self._spawn(loop)
+        for loop in self.loops:
+            loop.start()
         self.inventory.listen(self.on_inventory)
 
     def stop(self):
-        self._shutdown.set()
-        gevent.killall(self._greenlets)
+        for loop in self.loops:
+            loop.stop()
         self.context.destroy(linger=0)
-
-    def _spawn(self, fn, *args):
-        self._greenlets.append(gevent.spawn(fn, *args))
 
     def health(self):
         now = time.monotonic()
@@ -1485,10 +1791,9 @@ class Replicator:
 
     def _bind_pub(self):
         pub = self.context.socket(zmq.PUB)
+        self._secure(pub)
         if self._keys:
             pub.curve_server = True
-            pub.curve_publickey, pub.curve_secretkey = (
-                k.encode() for k in self._keys)
             pub.zap_domain = b'sneakers23'
         try:
             pub.bind(self.config.replication)
@@ -1497,38 +1802,79 @@ class Replicator:
                               f'{self.config.replication!r}: {e}') from None
         return pub
 
+    def _secure(self, sock):
+        """This node's CURVE keys (when configured) and ZMTP heartbeats,
+        which notice a dead TCP connection within seconds."""
+        if self._keys:
+            sock.curve_publickey, sock.curve_secretkey = (
+                k.encode() for k in self._keys)
+        sock.heartbeat_ivl = ZMQ_HEARTBEAT_MS
+        sock.heartbeat_timeout = ZMQ_HEARTBEAT_MS * 3
+        sock.heartbeat_ttl = ZMQ_HEARTBEAT_MS * 3
+
     def _heartbeat(self):
-        while not self._shutdown.wait(HEARTBEAT_INTERVAL):
-            try:
-                self.publish('heartbeat')
-            except Exception:
-                logger.exception('replication heartbeat failed')
+        self.publish('heartbeat')
 
     # -- receiving ------------------------------------------------------
 
     def _listen(self, state):
-        sub = self._subscribe(state.peer)
-        while not self._shutdown.is_set():
-            frames = sub.recv_multipart()
-            try:
-                self.receive(state, decode_message(frames))
-            except ValueError as e:
-                logger.warning('replication: bad message from %s: %s',
-                               state.peer.name, e)
-            except Exception:
-                logger.exception('replication: applying a message failed')
+        """One wait for a peer's message or monitor event; re-dial a peer
+        that stays silent, whatever state its connection is in.
 
-    def _subscribe(self, peer):
+        libzmq gives up on a connection for good after a handshake error
+        (a rogue bound at the peer's address): only a new socket recovers.
+        """
+        if state.sub is None:
+            self._dial(state)
+        poller = zmq.Poller()
+        poller.register(state.sub, zmq.POLLIN)
+        if state.monitor is not None:
+            poller.register(state.monitor, zmq.POLLIN)
+        ready = dict(poller.poll(HEARTBEAT_INTERVAL * 250))
+        if state.monitor is not None and state.monitor in ready:
+            self._note_handshake(state, recv_monitor_message(state.monitor))
+        if state.sub in ready:
+            self._take_message(state, state.sub.recv_multipart())
+        self._redial_if_silent(state)
+
+    def _take_message(self, state, frames):
+        try:
+            self.receive(state, decode_message(frames))
+        except ValueError as e:
+            logger.warning('replication: bad message from %s: %s',
+                           state.peer.name, e)
+
+    def _dial(self, state):
+        peer = state.peer
         sub = self.context.socket(zmq.SUB)
+        self._secure(sub)
         if self._keys:
             sub.curve_serverkey = peer.public_key.encode()
-            sub.curve_publickey, sub.curve_secretkey = (
-                k.encode() for k in self._keys)
-            self._spawn(self._watch_handshakes, peer,
-                        sub.get_monitor_socket())
+            state.monitor = sub.get_monitor_socket()
         sub.setsockopt(zmq.SUBSCRIBE, b'inv')
         sub.connect(peer.replication)
-        return sub
+        state.sub, state.dialled = sub, time.monotonic()
+
+    def _redial_if_silent(self, state):
+        now = time.monotonic()
+        if (state.quiet_for(now) < PEER_REDIAL_AFTER
+                or now - state.dialled < PEER_REDIAL_INTERVAL):
+            return
+        state.redials += 1
+        if state.redials & (state.redials - 1) == 0:  # 1, 2, 4, 8...
+            logger.info('replication: re-dialling %s at %s (silent %.1f s,'
+                        ' %d re-dials)', state.peer.name,
+                        state.peer.replication, state.quiet_for(now),
+                        state.redials)
+        self._hang_up(state)
+        self._dial(state)
+
+    def _hang_up(self, state):
+        if state.monitor is not None:
+            state.sub.disable_monitor()
+            state.monitor.close(linger=0)
+        state.sub.close(linger=0)
+        state.sub = state.monitor = None
 
     def receive(self, state, msg):
         """Apply one peer message; ask for a reload when some were lost."""
@@ -1571,27 +1917,24 @@ class Replicator:
         logger.info('replication: reloading from the database: %s', reason)
         self._resync_wanted.set()
 
-    def _resync_loop(self):
-        while not self._shutdown.is_set():
-            self._resync_wanted.wait()
-            self._resync_wanted.clear()
-            try:
-                self.writes.refresh()
-                self.resyncs += 1
-            except Exception:
-                logger.exception('replication: reload failed; retrying')
-                self._resync_wanted.set()
-                self._shutdown.wait(0.5)
+    def _resync_next(self):
+        self._resync_wanted.wait()
+        self._resync_wanted.clear()
+        try:
+            self.writes.refresh()
+        except Exception:
+            self._resync_wanted.set()   # the loop logs it and pauses
+            raise
+        self.resyncs += 1
 
     def _watch_peers(self):
         """Notice peers that went silent: their last changes may be lost."""
-        while not self._shutdown.wait(HEARTBEAT_INTERVAL / 4):
-            now = time.monotonic()
-            for state in self.peers.values():
-                if (state.last_heard and not state.silent
-                        and now - state.last_heard > PEER_SILENT_AFTER):
-                    state.silent = True
-                    self.request_resync(f'{state.peer.name} went silent')
+        now = time.monotonic()
+        for state in self.peers.values():
+            if (state.last_heard and not state.silent
+                    and now - state.last_heard > PEER_SILENT_AFTER):
+                state.silent = True
+                self.request_resync(f'{state.peer.name} went silent')
 
     # -- CURVE ----------------------------------------------------------
 
@@ -1600,36 +1943,43 @@ class Replicator:
         zap.bind(ZAP_ENDPOINT)
         return zap
 
-    def _serve_zap(self, zap):
-        """ZAP: only the public keys listed in peers.toml may subscribe."""
-        allowed = {s.peer.public_key for s in self.peers.values()}
-        while not self._shutdown.is_set():
-            version, request_id, _, address, _, mechanism, *creds = (
-                zap.recv_multipart())
-            key = (z85.encode(creds[0]).decode()
-                   if mechanism == b'CURVE' and creds else '')
-            ok = key in allowed
-            if not ok:
-                logger.warning('replication: refused %s with a key not in '
-                               'peers.toml (%s)', address.decode(), key)
+    def _answer_zap(self, zap):
+        """ZAP: only the public keys listed in peers.toml may subscribe.
+        Every request gets an answer, even a malformed one (REP)."""
+        frames = zap.recv_multipart()
+        version, request_id = (frames + [b'1.0', b''])[:2]
+        ok = False
+        try:
+            ok = self._zap_allows(frames)
+        finally:
             zap.send_multipart([version, request_id,
                                 b'200' if ok else b'400',
                                 b'OK' if ok else b'unknown key', b'', b''])
 
-    def _watch_handshakes(self, peer, monitor):
-        """Log a peer whose key is not the one peers.toml lists."""
+    def _zap_allows(self, frames):
+        _, _, _, address, _, mechanism, *creds = frames
+        allowed = {s.peer.public_key for s in self.peers.values()}
+        key = (z85.encode(creds[0]).decode()
+               if mechanism == b'CURVE' and creds else '')
+        if key not in allowed:
+            logger.warning('replication: refused %s with a key not in '
+                           'peers.toml (%s)',
+                           address.decode(errors='replace'), key)
+        return key in allowed
+
+    def _note_handshake(self, state, event):
+        """Log a peer whose key is not the one peers.toml lists (once per
+        spell of failures)."""
         failed = (zmq.EVENT_HANDSHAKE_FAILED_AUTH
                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-        warned = False
-        while not self._shutdown.is_set():
-            event = recv_monitor_message(monitor)
-            if event['event'] & failed and not warned:
-                logger.warning('replication: refused %s at %s: its key is '
-                               'not the one in peers.toml', peer.name,
-                               peer.replication)
-            warned = bool(event['event'] & failed) or (
-                warned and event['event'] != zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        if event['event'] & failed and not state.refused:
+            logger.warning('replication: refused %s at %s: its key is '
+                           'not the one in peers.toml', state.peer.name,
+                           state.peer.replication)
+        state.refused = bool(event['event'] & failed) or (
+            state.refused
+            and event['event'] != zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 
 # ---------------------------------------------------------------------------
@@ -1643,9 +1993,11 @@ def sign(value, key):
 
 
 def unsign(signed, key):
-    """The value of a signed cookie, or None when the signature is wrong."""
+    """The value of a signed cookie, or None when the signature is wrong
+    (whatever bytes the browser sent: compared as UTF-8 bytes)."""
     value, _, _ = (signed or '').rpartition('.')
-    if value and hmac.compare_digest(sign(value, key), signed):
+    if value and hmac.compare_digest(sign(value, key).encode(),
+                                     signed.encode(errors='replace')):
         return value
     return None
 
@@ -1655,36 +2007,187 @@ def price(cents):
     return f'${cents / 100:,.2f}'
 
 
-class LagProbe:
-    """How late the gevent hub wakes a sleeping greenlet: a stalled hub
-    (blocking I/O, long CPU work) shows here, in /healthz."""
+def release_free_memory():
+    """Give freed heap pages back to the system (glibc's malloc_trim).
 
-    def __init__(self, interval=LAG_PROBE_INTERVAL, window=LAG_WINDOW):
-        self.interval = interval
-        self._lateness = deque(maxlen=int(window / interval))
-        self._shutdown = gevent.event.Event()
-        self._greenlet = None
+    After 20,000 slow connections left, a node kept 200 MB of freed
+    memory (greenlet stacks, socket buffers) that glibc would not return
+    by itself; trimming brings it back near where it started.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        return libc if hasattr(libc, 'malloc_trim') else None  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def process_stats():
+    """This process's resident memory, open files and greenlets."""
+    rss = 0
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    rss = int(line.split()[1]) * 1024
+        fds = len(os.listdir('/proc/self/fd'))
+    except OSError:  # not Linux
+        fds = None
+    greenlets = sum(1 for o in gc.get_objects()
+                    if isinstance(o, greenlet.greenlet))
+    return {'rss_bytes': rss, 'open_fds': fds, 'greenlets': greenlets}
+
+
+class TokenBuckets:
+    """Per-key token buckets: `take(key)` is 0 when allowed, else the
+    seconds to wait. Full buckets are forgotten (bounded memory)."""
+
+    def __init__(self, capacity, per_second):
+        self.capacity, self.per_second = capacity, per_second
+        self._buckets = {}   # key -> (tokens, when)
+
+    def take(self, key, now=None):
+        now = time.monotonic() if now is None else now
+        tokens, when = self._buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - when) * self.per_second)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return (1 - tokens) / self.per_second
+        self._buckets[key] = (tokens - 1, now)
+        return 0.0
+
+    def blocked(self, key, now=None):
+        """Seconds until `key` has a token again (0: it has one)."""
+        now = time.monotonic() if now is None else now
+        tokens, when = self._buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - when) * self.per_second)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.per_second
+
+    def forget_full(self, now=None):
+        now = time.monotonic() if now is None else now
+        full = [key for key, (tokens, when) in self._buckets.items()
+                if tokens + (now - when) * self.per_second >= self.capacity]
+        for key in full:
+            del self._buckets[key]
+
+
+class ClientLimits:
+    """What one client IP may do: purchase attempts per second, pairs
+    per product, wrong admin tokens. Trusted IPs skip the first two."""
+
+    def __init__(self, config):
+        self.pairs_limit = config.ip_pairs
+        self.trusted = frozenset(config.trusted_ips)
+        self.proxies = frozenset(config.proxies)
+        self.attempts = TokenBuckets(max(1, config.ip_rate), config.ip_rate)
+        self.admin_failures = TokenBuckets(ADMIN_FAILURES, 1 / ADMIN_REFILL)
+        self.pairs = {}   # (ip, product_id) -> pairs bought or in flight
+
+    def client_ip(self, environ):
+        """The client's address; X-Forwarded-For only from a proxy."""
+        ip = environ.get('REMOTE_ADDR', '')
+        if ip not in self.proxies:
+            return ip
+        hops = environ.get('HTTP_X_FORWARDED_FOR', '').split(',')
+        for hop in reversed([h.strip() for h in hops if h.strip()]):
+            if hop not in self.proxies:
+                return hop
+        return ip
+
+    def check_purchase(self, ip, product_id):
+        """Raise ApiError(429) when `ip` may not try to buy now."""
+        if ip in self.trusted:
+            return
+        wait = self.attempts.take(ip) if self.attempts.per_second else 0
+        if wait:
+            raise TooMany(math.ceil(wait))
+        if self.pairs_limit and (self.pairs.get((ip, product_id), 0)
+                                 >= self.pairs_limit):
+            raise TooMany(PAIRS_RETRY_AFTER)
+
+    def holding(self, ip, product_id):
+        """Count a pair in flight for `ip`; a context that un-counts it
+        unless `keep()` was called (the purchase succeeded)."""
+        return _PairHold(self.pairs, None if ip in self.trusted
+                         or not self.pairs_limit else (ip, product_id))
+
+    def check_admin(self, ip):
+        wait = self.admin_failures.blocked(ip)
+        if wait:
+            raise TooMany(math.ceil(wait))
+
+    def admin_failed(self, ip):
+        self.admin_failures.take(ip)
+
+    def forget_idle(self):
+        self.attempts.forget_full()
+        self.admin_failures.forget_full()
+
+
+class _PairHold:
+    def __init__(self, pairs, key):
+        self.pairs, self.key, self.kept = pairs, key, False
+
+    def __enter__(self):
+        if self.key:
+            self.pairs[self.key] = self.pairs.get(self.key, 0) + 1
+        return self
+
+    def keep(self):
+        self.kept = True
+
+    def __exit__(self, *exc):
+        if self.key and not self.kept:
+            self.pairs[self.key] -= 1
+            if not self.pairs[self.key]:
+                del self.pairs[self.key]
+
+
+class AnswerLog:
+    """Counts purchases and refusals by outcome; logs them at INFO once a
+    second, so the log stays readable at thousands of requests a second."""
+
+    def __init__(self):
+        self.purchases, self.refusals = Counter(), Counter()
+        self.unavailable = Counter()
+        self.loop = Loop('answer-log', self._flush, 1.0)
 
     def start(self):
-        self._greenlet = gevent.spawn(self._run)
+        self.loop.start()
 
     def stop(self):
-        self._shutdown.set()
+        self.loop.stop()
 
-    def stats(self):
-        """The latest and the worst lateness in the window, in ms."""
-        worst = max(self._lateness, default=0.0)
-        latest = self._lateness[-1] if self._lateness else 0.0
-        return {'latest': round(latest * 1000, 1),
-                'max_10s': round(worst * 1000, 1)}
+    def purchase(self, outcome):
+        self.purchases[str(outcome)] += 1
 
-    def _run(self):
-        while True:
-            asleep = time.perf_counter()
-            if self._shutdown.wait(self.interval):
-                return
-            late = time.perf_counter() - asleep - self.interval
-            self._lateness.append(max(0.0, late))
+    def refusal(self, path, status, code):
+        if path == '/api/purchase' and status in (403, 409, 429):
+            self.purchases[code] += 1
+        elif path == '/api/purchase' and status != 503:
+            self.purchases[str(status)] += 1
+        elif status == 503:
+            self.purchases['unavailable'] += 1
+            self.unavailable[code] += 1
+        else:
+            self.refusals[f'{status} {code} {path[:40]}'] += 1
+
+    def _flush(self):
+        for title, counts in (('purchases', self.purchases),
+                              ('refused', self.refusals),
+                              ('503 unavailable', self.unavailable)):
+            if counts:
+                summary = ' '.join(f'{k}={n}' for k, n in
+                                   sorted(counts.items()))
+                counts.clear()
+                logger.info('%s in the last second: %s', title, summary)
 
 
 class Node:
@@ -1704,40 +2207,66 @@ class Node:
             self.replicator = Replicator(config, self.inventory, self.writes)
         self.cookie_key = ''
         self.lag = LagProbe()
+        self.limits = ClientLimits(config)
+        self.answers = AnswerLog()
+        self.housekeeping = Loop('housekeeping', self._housekeep,
+                                 HOUSEKEEPING_INTERVAL)
         self._cache = {}
 
     def start(self):
         """Prepare the database, load memory, start background work."""
-        self.runner.run(self._prepare_database)
+        self.writes.start()
+        self.runner.run(self._prepare_database,
+                        deadline=time.monotonic() + 60)
         self.writes.load()
         self.hub.start()
         if self.replicator:
             self.replicator.start()
-        self.lag.start()
+        for loop in (self.lag, self.answers, self.housekeeping):
+            loop.start()
 
     def stop(self):
-        self.lag.stop()
+        for loop in (self.housekeeping, self.answers, self.lag):
+            loop.stop()
         if self.replicator:
             self.replicator.stop()
         self.hub.stop()
         self.writes.stop()
 
+    def loops(self):
+        """Every background loop of the node, by name."""
+        parts = [self.runner, self.writes, self.hub, self.replicator]
+        loops = [loop for part in parts if part for loop in part.loops]
+        loops += [self.lag.loop, self.answers.loop, self.housekeeping]
+        return {loop.name: loop for loop in loops}
+
     def health(self):
-        """What `/healthz` shows."""
+        """What `/healthz` shows; `ok` is False when a loop died."""
         peers = self.replicator.health() if self.replicator else {}
+        loops = {name: loop.state for name, loop in self.loops().items()}
         return {'node': self.config.node, 'db': redact(self.config.db_url),
+                'ok': 'dead' not in loops.values(),
                 'peers': peers, 'streams': self.hub.open_streams,
+                'sse_cut_off': self.hub.cut_off,
                 'products': len(self.inventory.products),
                 'event_id': self.hub.last_event_id,
-                'hub_lag_ms': self.lag.stats()}
+                'hub_lag_ms': self.lag.stats(), 'loops': loops,
+                'process': self.cached('process', int(time.monotonic()),
+                                       process_stats)}
+
+    def _housekeep(self):
+        self.limits.forget_idle()
+        self.hub.cut_stalled()
+        release_free_memory()
 
     def _prepare_database(self):
         try:
             self._create_and_seed()
-        except DatabaseError:
+        except IntegrityError:
             if not Product.table_exists():
                 raise
             logger.info('another node prepared the database at once')
+        install_deadline_trigger()
         self.cookie_key = Setting.get_or_make(
             'cookie_key', lambda: secrets.token_hex(32))
 
@@ -1794,16 +2323,27 @@ def json_body(required_type=dict):
         raise ApiError(400, 'bad Content-Length')
     if int(length) > MAX_BODY:
         raise ApiError(413, 'body too large')
-    raw = environ['wsgi.input'].read(MAX_BODY + 1)
+    raw = _read_body(environ['wsgi.input'])
     if len(raw) > MAX_BODY:
         raise ApiError(413, 'body too large')
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: [[[[...
         raise ApiError(400, 'malformed JSON') from None
     if not isinstance(data, required_type):
         raise ApiError(400, 'body must be a JSON object')
     return data
+
+
+def _read_body(stream):
+    """Up to MAX_BODY + 1 bytes of a body, within HEADER_TIMEOUT."""
+    try:
+        with gevent.Timeout(HEADER_TIMEOUT, RequestTimeout()):
+            return stream.read(MAX_BODY + 1)
+    except RequestTimeout:
+        raise ApiError(408, 'request_timeout') from None
+    except (OSError, ValueError):  # a broken chunked body, a reset
+        raise ApiError(400, 'bad_request') from None
 
 
 def positive_int(data, key, limit=2**53):
@@ -1820,25 +2360,35 @@ def product_filter(text):
     """`?products=1,2` as a set of ids, or None for every product."""
     if not text:
         return None
-    try:
-        return frozenset(int(part) for part in text.split(',')
-                         if part.strip())
-    except ValueError:
+    parts = [part.strip() for part in text.split(',') if part.strip()]
+    if not all(ascii_id(part) for part in parts):
         raise ApiError(400, 'products must be a comma-separated list of '
-                            'ids') from None
+                            'ids')
+    return frozenset(int(part) for part in parts)
 
 
-def api_errors(callback):
-    """Bottle plugin: an ApiError becomes its JSON answer."""
-    def wrapper(*args, **kwargs):
-        try:
-            return callback(*args, **kwargs)
-        except ApiError as e:
-            return json_response(e.status, {'error': e.code})
-        except Unavailable:
-            return json_response(503, {'error': 'unavailable'},
-                                 **{'Retry-After': '1'})
-    return wrapper
+def ascii_id(text):
+    """Whether `text` is an id: ASCII digits only (not "١"), 1-18 long."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
+def api_errors(node):
+    """Bottle plugin: an ApiError (or Unavailable) becomes its JSON
+    answer, counted for the once-a-second log."""
+    def plugin(callback):
+        def wrapper(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            except ApiError as e:
+                node.answers.refusal(bottle.request.path, e.status, e.code)
+                return json_response(e.status, {'error': e.code},
+                                     **e.headers)
+            except Unavailable as e:
+                node.answers.refusal(bottle.request.path, 503, str(e))
+                return json_response(503, {'error': 'unavailable'},
+                                     **{'Retry-After': '1'})
+        return wrapper
+    return plugin
 
 
 def error_page(res):
@@ -1855,13 +2405,86 @@ def error_page(res):
 STREAM_REQUEST = 'sneakers23.stream'
 
 
+class StreamRequest(NamedTuple):
+    """What an accepted `/events` request asked for."""
+
+    products: frozenset | None
+    last_event_id: str | None
+
+
+class RequestTimeout(socket.timeout):
+    """The request line, headers or body did not arrive in time."""
+
+
+def http_error(status, code):
+    """A whole HTTP error answer with a JSON body, as raw bytes."""
+    body = json.dumps({'error': code}).encode()
+    reason = http.client.responses.get(status, 'Error')
+    return (f'HTTP/1.1 {status} {reason}\r\n'
+            f'Content-Type: application/json\r\n'
+            f'Content-Length: {len(body)}\r\n'
+            f'Connection: close\r\n\r\n').encode() + body
+
+
+HTTP_LAYER_ERRORS = {'400': 'bad_request', '408': 'request_timeout',
+                     '414': 'uri_too_long', '500': 'internal_error'}
+
+
 class Handler(WSGIHandler):
     """pywsgi's handler, which gives an accepted SSE request to the hub.
 
     The hub writes to the socket itself from then on, so a stream costs no
     greenlet, no WSGI iterator and no chunked framing: the same bytes go
     to every stream (the response ends when the connection closes).
+
+    Also: the request line and headers must arrive within HEADER_TIMEOUT
+    (slowloris), and the errors pywsgi answers itself are JSON too.
     """
+
+    def handle_one_request(self):
+        self._header_timer = gevent.Timeout(HEADER_TIMEOUT,
+                                            RequestTimeout())
+        self._header_timer.start()
+        try:
+            result = super().handle_one_request()
+        finally:
+            self._header_timer.close()
+        if isinstance(result, tuple):  # an error pywsgi answers itself
+            status = result[0]
+            code = HTTP_LAYER_ERRORS.get(status, 'error')
+            self.server.application.node.answers.refusal(
+                '(HTTP layer)', status, code)
+            return status, http_error(int(status), code)
+        return result
+
+    def read_request(self, raw_requestline):
+        try:
+            if len(raw_requestline.split()) != 3:
+                return False  # HTTP/0.9, or a line cut by a bare LF: 400
+            return super().read_request(raw_requestline)
+        finally:
+            self._header_timer.close()
+
+    def _handle_client_error(self, ex):
+        """Counted for the once-a-second log instead of logged one by one
+        at ERROR (a flood of garbage would flood the log)."""
+        return ('408' if isinstance(ex, RequestTimeout) else '400', None)
+
+    def _send_error_response_if_possible(self, error_code):
+        if self.response_length:
+            self.close_connection = True
+            return
+        code = HTTP_LAYER_ERRORS.get(str(error_code), 'error')
+        body = json.dumps({'error': code}).encode()
+        try:
+            self.start_response(
+                f'{error_code} {http.client.responses[error_code]}',
+                [('Content-Type', 'application/json'),
+                 ('Connection', 'close'),
+                 ('Content-Length', str(len(body)))])
+            self.write(body)
+        except OSError:
+            self.close_connection = True
 
     def handle_one_response(self):
         super().handle_one_response()
@@ -1875,13 +2498,10 @@ class Handler(WSGIHandler):
         wanted = self.environ.get(STREAM_REQUEST)
         if wanted is None or self.code != 200 or self.command != 'GET':
             return super().process_result()
-        hub = self.server.application.node.hub
-        cursor, opening = hub.opening(*wanted)
-        self.socket.sendall(SSE_HEAD + opening)
         raw = _socket.socket(fileno=self.socket.detach())
         raw.setblocking(False)
         self.socket, self.close_connection = None, True
-        hub.adopt(raw, cursor, wanted[0])
+        self.server.application.node.hub.adopt(raw, wanted)
 
 
 def make_server(app, host, port):
@@ -1913,7 +2533,7 @@ def create_app(config):
     node = Node(config)
     app = bottle.Bottle()
     app.node = node
-    app.install(api_errors)
+    app.install(api_errors(node))
     app.default_error_handler = error_page
     _routes(app, node)
     return app
@@ -1925,12 +2545,20 @@ def _routes(app, node):
     app.route('/api/products', 'GET', lambda: _products(node))
     app.route('/events', 'GET', lambda: _events(node))
     app.route('/api/purchase', 'POST', lambda: _purchase(node))
-    app.route('/admin/api/products/<product_id:int>/release', 'POST',
-              lambda product_id: _release(node, product_id))
-    app.route('/admin/api/items/<item_id:int>/restock', 'POST',
-              lambda item_id: _restock(node, item_id))
+    app.route('/admin/api/products/<product_id>/release', 'POST',
+              lambda product_id: _release(node, path_id(product_id)))
+    app.route('/admin/api/items/<item_id>/restock', 'POST',
+              lambda item_id: _restock(node, path_id(item_id)))
     app.route('/healthz', 'GET', lambda: _health(node))
+    app.route('/api/openapi.json', 'GET', _openapi)
     app.route('/static/<path:path>', 'GET', _static)
+
+
+def path_id(text):
+    """An id from a URL path; 404 unless it is ASCII digits."""
+    if not ascii_id(text):
+        raise ApiError(404, 'not_found')
+    return int(text)
 
 
 def _page(node):
@@ -1953,22 +2581,27 @@ def _events(node):
         raise ApiError(404, 'not_found')
     last_id = (_raw_header('HTTP_LAST_EVENT_ID')
                or query.get('last_event_id'))
-    bottle.request.environ[STREAM_REQUEST] = (products, last_id)
+    bottle.request.environ[STREAM_REQUEST] = StreamRequest(products, last_id)
     return ''  # Handler hands the connection to the hub
 
 
 def _purchase(node):
+    ip = node.limits.client_ip(bottle.request.environ)
     item_id = positive_int(json_body(), 'item_id')
     item = node.inventory.items.get(item_id)
     if item is None:
         raise ApiError(404, 'not_found')
     if not node.inventory.products[item.product_id].released:
         raise ApiError(403, 'not_released')
+    node.limits.check_purchase(ip, item.product_id)
     if item.count <= 0:
         raise ApiError(409, SOLD_OUT)  # from memory, no database trip
-    outcome = node.writes.buy(item, _shopper(node))
-    if not isinstance(outcome, Placed):
-        raise ApiError(409, outcome)
+    with node.limits.holding(ip, item.product_id) as hold:
+        outcome = node.writes.buy(item, _shopper(node))
+        if not isinstance(outcome, Placed):
+            raise ApiError(409, outcome)
+        hold.keep()
+    node.answers.purchase(201)
     return json_response(201, {'order_id': outcome.order_id,
                                'item_id': item.id,
                                'product_id': item.product_id})
@@ -1994,35 +2627,57 @@ def _raw_header(name):
 
 
 def _require_admin(node):
+    """401 without the admin token; 429 for an IP that guessed too often
+    (even with the right token then, so guessing teaches nothing)."""
+    ip = node.limits.client_ip(bottle.request.environ)
+    node.limits.check_admin(ip)
     header = _raw_header('HTTP_AUTHORIZATION')
     scheme, _, token = header.partition(' ')
     good = node.config.admin_token.encode()
     if scheme.lower() != 'bearer' or not hmac.compare_digest(
             token.strip().encode(), good):
+        node.limits.admin_failed(ip)
+        logger.info('refused %s %s from %s: wrong admin token',
+                    bottle.request.method, bottle.request.path, ip)
         raise ApiError(401, 'unauthorized')
+    return ip
 
 
 def _release(node, product_id):
-    _require_admin(node)
+    ip = _require_admin(node)
     if product_id not in node.inventory.products:
         raise ApiError(404, 'not_found')
     changed = node.writes.release(product_id)
+    sku = node.inventory.products[product_id].sku
+    logger.info('released product %d (%s) for %s%s', product_id, sku, ip,
+                '' if changed else ': it already was')
     return {'product_id': product_id, 'released': True, 'changed': changed}
 
 
 def _restock(node, item_id):
-    _require_admin(node)
+    ip = _require_admin(node)
     count = positive_int(json_body(), 'count', MAX_RESTOCK)
     if item_id not in node.inventory.items:
         raise ApiError(404, 'not_found')
     total = node.writes.restock(item_id, count)
-    if total is None:
-        raise ApiError(404, 'not_found')
+    if total is None:  # the item is there: the count would not fit
+        logger.info('refused to restock item %d by %d for %s: past %d '
+                    'pairs', item_id, count, ip, MAX_STOCK)
+        raise ApiError(409, 'too_many')
+    logger.info('restocked item %d with %d pairs for %s: %d now',
+                item_id, count, ip, total)
     return {'item_id': item_id, 'count': total, 'level': level_of(total)}
 
 
 def _health(node):
-    return node.health()
+    health = node.health()
+    if not health['ok']:
+        bottle.response.status = 503
+    return health
+
+
+def _openapi():
+    return _static('openapi.json')
 
 
 def _static(path):
@@ -2085,6 +2740,18 @@ def _serve_options(parser):
     parser.add_argument('--db', help='sqlite:///path or postgresql://...')
     parser.add_argument('--host', help=f'default {DEFAULT_HOST}')
     parser.add_argument('--port', type=int, help=f'default {DEFAULT_PORT}')
+    parser.add_argument('--ip-pairs', type=int, metavar='N',
+                        help=f'pairs per product per client IP (default '
+                             f'{IP_PAIRS}; 0: no limit)')
+    parser.add_argument('--ip-rate', type=float, metavar='N',
+                        help=f'purchase attempts per second per client IP '
+                             f'(default {IP_RATE}; 0: no limit)')
+    parser.add_argument('--trusted-ips', metavar='LIST',
+                        help='IPs exempt from those limits (default '
+                             f'{",".join(TRUSTED_IPS)}; "" for none)')
+    parser.add_argument('--proxies', metavar='LIST',
+                        help='the only IPs whose X-Forwarded-For is '
+                             'believed (default none)')
 
 
 def _url_option(parser):
@@ -2106,12 +2773,14 @@ def serve_config(args):
         if not (args.config and args.node):
             raise ConfigError('--config and --node go together')
         fields.update(load_cluster(args.config, args.node))
-    for name in ('db', 'host', 'port'):
+    for name in ('db', 'host', 'port', 'ip_pairs', 'ip_rate',
+                 'trusted_ips', 'proxies'):
         value = getattr(args, name)
         if value is not None:
             fields['db_url' if name == 'db' else name] = value
     if not 0 < fields.get('port', DEFAULT_PORT) < 65536:
         raise ConfigError('--port must be between 1 and 65535')
+    fields.update(client_limits(fields))
     env = os.environ
     fields['admin_token'] = env.get('SNEAKERS23_ADMIN_TOKEN', '')
     fields['curve_secret'] = env.get('SNEAKERS23_CURVE_SECRET', '')
@@ -2119,6 +2788,36 @@ def serve_config(args):
     config = Config(**fields)
     curve_keys(config)  # a wrong key stops the node before it does anything
     return config
+
+
+def client_limits(fields):
+    """The per-IP limits of `fields` (options or peers.toml), checked:
+    IP lists as tuples of addresses."""
+    pairs = fields.get('ip_pairs', IP_PAIRS)
+    rate = fields.get('ip_rate', IP_RATE)
+    if type(pairs) is not int or pairs < 0:
+        raise ConfigError('--ip-pairs must be a whole number >= 0')
+    if not isinstance(rate, int | float) or not 0 <= rate < 1e6:
+        raise ConfigError('--ip-rate must be a number >= 0')
+    return {'ip_pairs': pairs, 'ip_rate': float(rate),
+            'trusted_ips': _ip_list(fields.get('trusted_ips', TRUSTED_IPS),
+                                    'trusted-ips'),
+            'proxies': _ip_list(fields.get('proxies', ()), 'proxies')}
+
+
+def _ip_list(value, name):
+    """"a,b" or a TOML list as a tuple of IP addresses."""
+    items = value.split(',') if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f'--{name} must be a comma-separated list of IPs')
+    ips = tuple(str(item).strip() for item in items if str(item).strip())
+    for ip in ips:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise ConfigError(f'--{name}: {ip!r} is not an IP address') \
+                from None
+    return ips
 
 
 def _drop_rate(text):
@@ -2273,7 +2972,7 @@ def _find_product(client, ref):
     for product in products if status == 200 else []:
         if product['sku'].lower() == ref.lower():
             return product['id']
-    raise ConfigError(f'no product with id or sku {ref!r}')
+    raise Refused(f'no product with id or sku {ref!r}')
 
 
 def restock_command(args):
@@ -2332,7 +3031,8 @@ class RandomSeller:
                 self._wait_for_stock(client)
                 continue
             self._pace()
-            self._buy(client, random.choice(list(self.stock)))
+            if self.stock:  # other shoppers may have emptied it meanwhile
+                self._buy(client, random.choice(list(self.stock)))
 
     def _wait_for_stock(self, client):
         self.refresh(client)
@@ -2416,6 +3116,9 @@ def main(argv=None):
     except ConfigError as e:
         print(f'sneakers23: {e}', file=sys.stderr)
         return 2
+    except Refused as e:
+        print(f'sneakers23: {e}', file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

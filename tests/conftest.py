@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from collections import namedtuple
 
 import gevent
 import pytest
@@ -294,3 +295,204 @@ def wait_until(check, timeout=5.0, message='condition', interval=0.01):
         if time.monotonic() > deadline:
             raise AssertionError(f'{message}: not true within {timeout}s')
         gevent.sleep(interval)
+
+
+# ---------------------------------------------------------------------------
+# Rows and in-process nodes
+# ---------------------------------------------------------------------------
+
+ProductRow = namedtuple('ProductRow', [
+    f.name for f in sneakers23.Product._meta.sorted_fields])
+
+
+def product_row(id=1, **overrides):
+    """A product row as `catalog_rows()` gives it; any field overridable."""
+    fields = dict(id=id, sku=f'P{id}', brand='B', name=f'Shoe {id}',
+                  color='c', price_cents=100, image='x.svg', position=id,
+                  released=False, release_at=None)
+    return ProductRow(**{**fields, **overrides})
+
+
+def item_row(id, product_id, count, size='9', version=1):
+    """An item row as `catalog_rows()` gives it."""
+    return (id, product_id, f'P{product_id}-{id}', size, count, version)
+
+
+class AppServer:
+    """A node and its server in this process: `.url`, `.node`, `.app`."""
+
+    def __init__(self, config):
+        self.app = sneakers23.create_app(config)
+        self.node = self.app.node
+        self.server = sneakers23.make_server(self.app, '127.0.0.1', 0)
+        try:
+            self.node.start()
+        except BaseException:
+            self.server.close()
+            raise
+        self.server.start()
+        self.url = f'http://127.0.0.1:{self.server.server_port}'
+
+    def stop(self):
+        self.server.stop(timeout=1)
+        self.node.stop()
+
+
+@pytest.fixture
+def app_server(tmp_path):
+    """`app_server(db_url=None, **config)`: a node served in this process.
+
+    On a fresh SQLite database in tmp_path unless `db_url` is given; a
+    port the kernel picks; every one stopped at the end of the test.
+    """
+    servers = []
+
+    def start(db_url=None, **config):
+        db_url = db_url or f'sqlite:///{tmp_path}/app{len(servers)}.db'
+        config = sneakers23.Config(**{'node': 't', 'db_url': db_url,
+                                      'port': 0, 'admin_token': TOKEN,
+                                      **config})
+        servers.append(AppServer(config))
+        return servers[-1]
+
+    yield start
+    for server in reversed(servers):
+        server.stop()
+
+
+# A private PostgreSQL cluster (for faults: SIGSTOP, SIGCONT)
+# ---------------------------------------------------------------------------
+
+import glob
+import shutil
+import tempfile
+
+
+def find_initdb():
+    """The newest PostgreSQL initdb on this machine, or None."""
+    found = sorted(glob.glob('/usr/lib/postgresql/*/bin/initdb'),
+                   key=lambda p: int(p.split('/')[-3]))
+    return found[-1] if found else shutil.which('initdb')
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster in a temporary folder.
+
+    Run as the `postgres` OS user when we are root (initdb refuses root),
+    trust authentication, TCP on 127.0.0.1 at a free port, its unix socket
+    in the folder. `pause()` and `resume()` stop and continue every
+    process of the cluster: a database that stops answering, not a dead
+    one.
+    """
+
+    def __init__(self, initdb):
+        self.bin = os.path.dirname(initdb)
+        self.dir = tempfile.mkdtemp(prefix='sneakers23-pg-')
+        self.data = os.path.join(self.dir, 'data')
+        self.port = None
+        self.url = None
+        self.user = 'postgres' if os.geteuid() == 0 else None
+        if self.user:
+            shutil.chown(self.dir, self.user)
+
+    def _run(self, *args, check=True):
+        return subprocess.run([os.path.join(self.bin, args[0]), *args[1:]],
+                              user=self.user, cwd=self.dir, check=check,
+                              capture_output=True, text=True, timeout=60)
+
+    def start(self):
+        self._run('initdb', '-D', self.data, '-U', 'postgres',
+                  '--auth=trust', '--no-sync', '-E', 'UTF8')
+        self.port = free_port()
+        options = (f'-p {self.port} -k {self.dir} '
+                   '-c listen_addresses=127.0.0.1 -c fsync=off '
+                   '-c full_page_writes=off -c max_connections=50')
+        done = self._run('pg_ctl', '-D', self.data, '-l',
+                         os.path.join(self.dir, 'log'), '-o', options,
+                         '-w', '-t', '30', 'start', check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f'pg_ctl start failed: {done.stdout}'
+                               f'{done.stderr}{self.log()}')
+        self.url = f'postgresql://postgres@127.0.0.1:{self.port}/postgres'
+        return self
+
+    def log(self):
+        try:
+            with open(os.path.join(self.dir, 'log')) as f:
+                return f.read()
+        except OSError:
+            return ''
+
+    def postmaster_pid(self):
+        with open(os.path.join(self.data, 'postmaster.pid')) as f:
+            return int(f.readline())
+
+    def pids(self):
+        """The postmaster and every process under it."""
+        found, todo = [], [self.postmaster_pid()]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            for path in glob.glob(f'/proc/{pid}/task/*/children'):
+                try:
+                    with open(path) as f:
+                        todo += [int(child) for child in f.read().split()]
+                except OSError:
+                    pass    # it just exited
+        return found
+
+    def _signal_all(self, sig):
+        for pid in self.pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def pause(self):
+        """SIGSTOP the whole cluster (the postmaster first: no new
+        backend is forked meanwhile); back when every process stopped."""
+        os.kill(self.postmaster_pid(), signal.SIGSTOP)
+
+        def all_stopped():
+            self._signal_all(signal.SIGSTOP)
+            return all(_process_state(pid) in 'Tt' for pid in self.pids())
+        wait_until(all_stopped, 5, 'every PostgreSQL process stopped')
+
+    def resume(self):
+        self._signal_all(signal.SIGCONT)
+
+    def stop(self):
+        try:
+            self.resume()
+        except OSError:
+            pass    # never started, or already gone
+        if os.path.exists(os.path.join(self.data, 'postmaster.pid')):
+            self._run('pg_ctl', '-D', self.data, '-m', 'immediate', '-w',
+                      'stop', check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _process_state(pid):
+    """The state letter of a process (R, S, T, ...); '' when gone."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rpartition(')')[2].split()[0]
+    except (OSError, IndexError):
+        return ''
+
+
+@pytest.fixture
+def private_pg():
+    """A PostgreSQL cluster of this test alone (`.url`, `.pause()`,
+    `.resume()`), stopped and deleted at the end."""
+    initdb = find_initdb()
+    if initdb is None:
+        if REQUIRE_PG:
+            pytest.fail('SNEAKERS23_REQUIRE_POSTGRES is set but initdb '
+                        '(PostgreSQL server binaries) is not installed')
+        pytest.skip('no initdb: PostgreSQL server binaries not installed')
+    cluster = PrivatePostgres(initdb)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()

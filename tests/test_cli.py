@@ -1,11 +1,12 @@
 """The command line as an operator uses it: real processes, real output."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TOKEN, db_rows, free_port
+from conftest import ROOT, TOKEN, admin_headers, db_rows, free_port, wait_until
 
 SCRIPT = os.path.join(ROOT, 'sneakers23.py')
 
@@ -84,6 +85,58 @@ def test_seed_then_sell_random_until_gone(db_url, small_catalog,
     assert db_rows(db_url, 'SELECT COUNT(*) FROM orders') == [(stock_in,)]
 
 
+def test_sell_random_at_a_rate_ends_with_its_summary(sqlite_url,
+                                                     small_catalog,
+                                                     start_node):
+    """Paced shoppers meet an empty stock at once: no IndexError."""
+    seeded = run('seed', '--db', sqlite_url, '--catalog', small_catalog)
+    assert seeded.returncode == 0, seeded.stderr
+    node = start_node(sqlite_url)
+    node.release(1)
+
+    sold = run('sell-random', '--until-gone', '--rate', '150', '--url',
+               node.url, timeout=60)
+
+    assert sold.returncode == 0, sold.stderr
+    assert 'Traceback' not in sold.stderr
+    last = sold.stderr.splitlines()[-1]
+    assert last.startswith('sold 22 pairs in ') and last.endswith(
+        ' s; 0 left'), sold.stderr
+    assert {i['count'] for i in node.products()[0]['items']} == {0}
+
+
+def test_release_of_an_unknown_product_exits_1(sqlite_node):
+    done = run('release', 'NOPE', '--url', sqlite_node.url, timeout=30)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stderr.count('\n') == 1, done.stderr
+    assert 'NOPE' in done.stderr and 'Traceback' not in done.stderr
+    assert not any(p['released'] for p in sqlite_node.products())
+
+
+def test_info_log_tells_admin_actions_refusals_and_sales(sqlite_url,
+                                                         start_node):
+    node = start_node(sqlite_url, env={'SNEAKERS23_LOG': 'INFO'})
+    node.release(1)
+    item = next(i for i in node.products()[0]['items'] if i['count'] > 5)
+    node.restock(item['id'], 3)
+    status, _, _ = node.post('/admin/api/products/2/release', {},
+                             headers=admin_headers('wrong'))
+    assert status == 401
+    for _ in range(3):
+        status, _, _ = node.post('/api/purchase', {'item_id': item['id']})
+        assert status == 201
+
+    def logged(text):
+        return [line for line in node.output if text in line]
+    wait_until(lambda: logged('purchases in the last second:'), 5,
+               'a purchase summary in the log')
+    assert logged('released product') and logged('restocked item')
+    assert logged('refused')
+    summaries = logged('purchases in the last second:')
+    assert sum(int(n) for line in summaries
+               for n in re.findall(r'\b201=(\d+)', line)) == 3, summaries
+
+
 def test_release_and_restock_commands(sqlite_node):
     node = sqlite_node
     released = run('release', 'shu6100', '--url', node.url)
@@ -121,7 +174,7 @@ def test_admin_commands_need_the_token(sqlite_node):
     (['serve', '--port', '70000'], 'between 1 and 65535'),
     (['--db', 'mysql://root@localhost/x'], 'unsupported database URL'),
     (['--db', 'sqlite:////no/such/folder/x.db'], 'no such folder'),
-    (['--db', 'postgresql://postgres@127.0.0.1:1/test'],
+    (['--db', 'postgresql://postgres@127.0.0.1:1/test', '--port', '{port}'],
      'cannot use the database'),
     (['seed', '--db', 'postgresql://postgres@127.0.0.1:1/test'],
      'cannot use the database'),
@@ -141,7 +194,8 @@ def test_admin_commands_need_the_token(sqlite_node):
 def test_bad_arguments_give_one_line_and_exit_2(args, says, tmp_path):
     (tmp_path / 'bad.toml').write_text(
         SMALL_CATALOG.replace('price_cents = 10000', 'price_cents = "10"'))
-    args = [arg.format(tmp=tmp_path) for arg in args]
+    # A free port: a user's `make run` may hold the default 8023.
+    args = [arg.format(tmp=tmp_path, port=free_port()) for arg in args]
     done = run(*args, timeout=30)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert done.stderr.count('\n') == 1, done.stderr

@@ -1,30 +1,18 @@
 """The in-memory inventory: what every read is served from."""
 
-from types import SimpleNamespace
-
 import pytest
+from conftest import item_row, product_row
 
 import sneakers23
 from sneakers23 import Inventory, level_of
 
 
-def row(id, released=False):
-    return SimpleNamespace(
-        id=id, sku=f'P{id}', brand='B', name=f'Shoe {id}', color='c',
-        price_cents=100, image='x.svg', position=id, released=released,
-        release_at=None)
-
-
-def item_row(id, product_id, count, version=1):
-    return (id, product_id, f'I{id}', '9', count, version)
-
-
 @pytest.fixture
 def inventory():
     inventory = Inventory()
-    inventory.load([(row(1, released=True),
+    inventory.load([(product_row(1, released=True),
                      [item_row(10, 1, 150), item_row(11, 1, 0)]),
-                    (row(2), [item_row(20, 2, 700)])])
+                    (product_row(2), [item_row(20, 2, 700)])])
     return inventory
 
 

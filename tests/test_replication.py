@@ -1,10 +1,12 @@
 """Replication logic without sockets: messages, gaps, restarts, silence."""
 
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
 import zmq
+from conftest import TOKEN, call, free_port, wait_until
 
 import sneakers23
 from sneakers23 import (
@@ -116,9 +118,11 @@ def test_a_silent_peer_reloads_when_silent_and_when_back(replicator):
     resync_requested(replicator)
     state.last_heard -= sneakers23.PEER_SILENT_AFTER + 1
     watcher = sneakers23.gevent.spawn(replicator._watch_peers)
-    sneakers23.gevent.sleep(sneakers23.HEARTBEAT_INTERVAL / 2)
-    watcher.kill()
-    assert state.silent and resync_requested(replicator)
+    try:
+        wait_until(lambda: state.silent, 5, 'b noticed as silent')
+    finally:
+        watcher.kill()
+    assert resync_requested(replicator)
     assert replicator.health()['b']['state'] == 'silent'
     replicator.receive(state, message(2))
     assert resync_requested(replicator)
@@ -180,3 +184,92 @@ def test_peers_toml_in_the_repo_describes_three_nodes():
     assert fields['replication'] == 'tcp://127.0.0.1:7024'
     assert fields['db_url'] == (f'sqlite:///{sneakers23.HERE}/data/'
                                 'sneakers23.db')
+
+
+# ---------------------------------------------------------------------------
+# The node's background loops, in this process
+# ---------------------------------------------------------------------------
+
+class AppServer:
+    """A node and its server in this process: `.url`, `.node`."""
+
+    def __init__(self, config):
+        self.app = sneakers23.create_app(config)
+        self.node = self.app.node
+        self.server = sneakers23.make_server(self.app, '127.0.0.1', 0)
+        self.node.start()
+        self.server.start()
+        self.url = f'http://127.0.0.1:{self.server.server_port}'
+
+    def stop(self):
+        self.server.stop(timeout=1)
+        self.node.stop()
+
+
+@pytest.fixture
+def app_server(tmp_path):
+    """`app_server(**config)`: a node on a fresh SQLite database, served
+    in this process on a port the kernel picks."""
+    servers = []
+
+    def start(**config):
+        config = sneakers23.Config(**{
+            'node': 't', 'db_url': f'sqlite:///{tmp_path}/app.db',
+            'port': 0, 'admin_token': TOKEN, **config})
+        servers.append(AppServer(config))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def curve_config():
+    """Config fields of node a of a CURVE pair a, b (b never started)."""
+    (a_public, a_secret), (b_public, _) = (
+        (k.decode() for k in zmq.curve_keypair()) for _ in range(2))
+    return {'node': 'a', 'public_key': a_public, 'curve_secret': a_secret,
+            'replication': f'tcp://127.0.0.1:{free_port()}',
+            'peers': {'b': Peer('b', f'tcp://127.0.0.1:{free_port()}',
+                                b_public)}}
+
+
+def test_a_failing_iteration_is_logged_and_a_dead_loop_shows(app_server,
+                                                             caplog):
+    server = app_server(**curve_config())
+    node, replicator = server.node, server.node.replicator
+    status, _, health = call(server.url, 'GET', '/healthz')
+    assert status == 200, health
+    loops = node.loops()
+    assert health['loops'] == {name: 'running' for name in loops}
+    assert len(loops) >= 5
+
+    # one heartbeat fails: logged, and the heartbeats go on
+    real_publish, failed = replicator.publish, []
+
+    def publish(kind, **fields):
+        if kind == 'heartbeat' and not failed:
+            failed.append(replicator.seq)
+            raise RuntimeError('heartbeat broken by the test')
+        return real_publish(kind, **fields)
+
+    replicator.publish = publish
+    with caplog.at_level(logging.ERROR, logger='sneakers23'):
+        wait_until(lambda: failed and replicator.seq > failed[0] + 1, 5,
+                   'a heartbeat failed, then the next ones were sent')
+    assert [r for r in caplog.records if r.exc_info
+            and 'heartbeat broken by the test' in str(r.exc_info[1])]
+    assert sum(loop.errors for loop in loops.values()) == 1
+    status, _, health = call(server.url, 'GET', '/healthz')
+    assert status == 200, health
+    assert set(health['loops'].values()) == {'running'}
+
+    # a loop whose greenlet is gone is dead, and the node says so
+    victim = next((n for n in loops if 'zap' in n.lower()), min(loops))
+    # (an Exception would be caught by the loop's guard: end it for good)
+    loops[victim].greenlet.kill(timeout=5)
+    status, headers, health = call(server.url, 'GET', '/healthz')
+    assert status == 503, health
+    assert headers['content-type'].startswith('application/json')
+    assert health['loops'] == {name: 'dead' if name == victim
+                               else 'running' for name in loops}
