@@ -127,3 +127,48 @@ def test_a_refused_buyer_leaves_the_pair_to_the_next(database):
     assert stock(item.id) == 0
     shoppers = {o.shopper for o in Order.select().where(Order.item == item)}
     assert shoppers == {'twice', 'third'}
+
+
+def test_a_batch_past_its_deadline_commits_nothing(database):
+    """The guarantee behind every 503: a late COMMIT fails, on PostgreSQL
+    by the deferred trigger (the COMMIT itself is refused), on SQLite by
+    the check just before COMMIT."""
+    sneakers23.install_deadline_trigger()
+    item = Item.get(Item.sku == 'SHU6000-9')
+    Availability.update(count=5).where(Availability.item == item).execute()
+    before = stock(item.id)
+    batch = [Purchase(item.id, item.product_id, 'late-shopper')]
+    deadline = sneakers23.time.monotonic() + 5
+
+    real_monotonic = sneakers23.time.monotonic
+    sneakers23.time.monotonic = lambda: real_monotonic() + 10  # too late
+    try:
+        with pytest.raises((sneakers23.DeadlinePassed,
+                            sneakers23.DatabaseError)):
+            sneakers23.commit_batch(batch, [], 'a', deadline)
+    finally:
+        sneakers23.time.monotonic = real_monotonic
+
+    assert stock(item.id) == before
+    assert not Order.select().where(Order.shopper == 'late-shopper').exists()
+
+
+def test_postgresql_refuses_a_commit_after_the_deadline(database):
+    """The trigger alone, as a stalled server would meet it: the COMMIT
+    arrives after the moment the node set."""
+    if isinstance(database, sneakers23.SqliteDatabase):
+        pytest.skip('SQLite checks the deadline in the node')
+    sneakers23.install_deadline_trigger()
+    item = Item.get(Item.sku == 'SHU6000-10')
+    Availability.update(count=5).where(Availability.item == item).execute()
+    before = stock(item.id)
+    with pytest.raises(sneakers23.DatabaseError, match='deadline passed'):
+        with db.atomic():
+            sneakers23.set_commit_deadline(
+                sneakers23.time.monotonic() - 0.001)
+            Availability.take(item.id, 1)
+    assert stock(item.id) == before
+    with db.atomic():  # in time: committed
+        sneakers23.set_commit_deadline(sneakers23.time.monotonic() + 5)
+        Availability.take(item.id, 1)
+    assert stock(item.id) == before - 1
