@@ -31,8 +31,9 @@ Every 10 s it prints one line: the node's RSS, open fds and greenlet count
 (from `/healthz` "process" when the node shows it, else RSS and fds from
 /proc/PID and greenlets "n/a"), the open streams, what the load did in
 those 10 s, the node's and this client's CPU use. At the end it prints each
-of the three after warm-up vs at the end, with the change in %, and exits
-1 if any ended more than 10% above where it started (or the node died).
+of the three after warm-up vs at the end (each the median of three
+samples), with the change in %, and exits 1 if any ended more than 10%
+above where it started (or the node died).
 
 The client is one gevent process (raw sockets, no HTTP library): it must
 not be the bottleneck on a 2-core machine, so its CPU use is printed on
@@ -51,6 +52,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +70,7 @@ TOKEN = 'soak-admin-token'
 HOST = '127.0.0.1'
 CLK_TCK = os.sysconf('SC_CLK_TCK')
 LIMIT_PCT = 10.0
+SMOOTH = 3           # samples in the median of the start and of the end
 
 # Stream behaviour: lifetime, the share that stalls and for how long, the
 # receive buffer of a staller, how many open per second at the start.
@@ -657,6 +660,16 @@ def keep_log(node):
     return path
 
 
+def when(rows):
+    times = ', '.join(f'{row["t"]:.0f}' for row in rows)
+    return f't={times}s' if len(rows) == 1 else f'median of t={times}s'
+
+
+def middle(rows, key):
+    values = [row[key] for row in rows]
+    return None if None in values else statistics.median_low(values)
+
+
 def report(args, node, load, sampler, warmup):
     samples = sampler.samples
     # The start is a sample after warm-up, not the idle node: in its first
@@ -670,6 +683,12 @@ def report(args, node, load, sampler, warmup):
     start = full[0] if full else next(
         (s for s in samples if s['t'] >= warmup - 1), samples[0])
     end = samples[-1]
+    # Start and end are each the median of three samples when the run is
+    # long enough: the greenlet count is ~20, and the request greenlets of
+    # the moment (a restock, this /healthz) move one sample by 10-15%.
+    steady = samples[samples.index(start):]
+    width = SMOOTH if len(steady) >= 2 * SMOOTH else 1
+    first, last = steady[:width], steady[-width:]
     totals = {k: sum(s['delta'][k] for s in samples) for k in load.counts}
     took = end['t']
     own = sum(s['client_cpu'] for s in samples) * args.every / max(1, took)
@@ -698,14 +717,14 @@ def report(args, node, load, sampler, warmup):
     if start is end:
         say('too short: no sample after warm-up to compare with')
         return 1
-    say(f'\nstart = t={start["t"]:.0f}s (after {warmup:.0f} s warm-up'
+    say(f'\nstart = {when(first)} (after {warmup:.0f} s warm-up'
         f'{"" if full else ", not all streams open"}), end = '
-        f't={end["t"]:.0f}s; values from {end["from"]}')
+        f'{when(last)}; values from {end["from"]}')
     failed = []
     say(f'{"":10} {"start":>12} {"end":>12} {"change":>8}')
     for key, name, show in (('rss', 'RSS', mb), ('fds', 'open fds', count),
                             ('greenlets', 'greenlets', count)):
-        a, b = start[key], end[key]
+        a, b = middle(first, key), middle(last, key)
         if a is None or b is None:
             say(f'{name:10} {"n/a":>12} {"n/a":>12} {"n/a":>8}')
             continue
