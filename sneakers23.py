@@ -1700,7 +1700,7 @@ class PeerState:
         self.silent = False
         self.messages = self.redials = 0
         self.sub = self.monitor = None
-        self.dialled = 0.0
+        self.dialled = self.first_dialled = 0.0
         self.refused = False   # its last handshake failed
 
     def as_json(self, now):
@@ -1714,8 +1714,8 @@ class PeerState:
                 'messages': self.messages, 'redials': self.redials}
 
     def quiet_for(self, now):
-        """Seconds since it was last heard, or dialled if never heard."""
-        return now - max(self.last_heard or 0.0, self.dialled)
+        """Seconds since it was last heard, or first dialled if never."""
+        return now - (self.last_heard or self.first_dialled)
 
 
 class Replicator:
@@ -1854,6 +1854,7 @@ class Replicator:
         sub.setsockopt(zmq.SUBSCRIBE, b'inv')
         sub.connect(peer.replication)
         state.sub, state.dialled = sub, time.monotonic()
+        state.first_dialled = state.first_dialled or state.dialled
 
     def _redial_if_silent(self, state):
         now = time.monotonic()
@@ -2030,8 +2031,8 @@ _LIBC = _load_libc()
 
 
 def process_stats():
-    """This process's resident memory, open files and greenlets."""
-    rss = 0
+    """This process's resident memory and open files (Linux)."""
+    rss = fds = None
     try:
         with open('/proc/self/status') as f:
             for line in f:
@@ -2039,10 +2040,15 @@ def process_stats():
                     rss = int(line.split()[1]) * 1024
         fds = len(os.listdir('/proc/self/fd'))
     except OSError:  # not Linux
-        fds = None
-    greenlets = sum(1 for o in gc.get_objects()
-                    if isinstance(o, greenlet.greenlet))
-    return {'rss_bytes': rss, 'open_fds': fds, 'greenlets': greenlets}
+        pass
+    return {'rss_bytes': rss, 'open_fds': fds}
+
+
+def count_greenlets():
+    """Live greenlets: a walk over every tracked object (milliseconds on
+    a big heap, so /healthz does it at most every 10 s)."""
+    return sum(1 for o in gc.get_objects()
+               if isinstance(o, greenlet.greenlet))
 
 
 class TokenBuckets:
@@ -2251,8 +2257,11 @@ class Node:
                 'products': len(self.inventory.products),
                 'event_id': self.hub.last_event_id,
                 'hub_lag_ms': self.lag.stats(), 'loops': loops,
-                'process': self.cached('process', int(time.monotonic()),
-                                       process_stats)}
+                'process': {**self.cached('process', int(time.monotonic()),
+                                          process_stats),
+                            'greenlets': self.cached(
+                                'greenlets', int(time.monotonic() // 10),
+                                count_greenlets)}}
 
     def _housekeep(self):
         self.limits.forget_idle()
@@ -2448,7 +2457,11 @@ class Handler(WSGIHandler):
         try:
             result = super().handle_one_request()
         finally:
+            # Dropped, not kept: timer -> its exception -> traceback ->
+            # frames -> this handler would be a cycle per timed-out
+            # connection, freed only by a full gc (80 MB after 15,000).
             self._header_timer.close()
+            self._header_timer = None
         if isinstance(result, tuple):  # an error pywsgi answers itself
             status = result[0]
             code = HTTP_LAYER_ERRORS.get(status, 'error')
@@ -2463,7 +2476,8 @@ class Handler(WSGIHandler):
                 return False  # HTTP/0.9, or a line cut by a bare LF: 400
             return super().read_request(raw_requestline)
         finally:
-            self._header_timer.close()
+            if self._header_timer is not None:
+                self._header_timer.close()
 
     def _handle_client_error(self, ex):
         """Counted for the once-a-second log instead of logged one by one
