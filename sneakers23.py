@@ -2358,7 +2358,8 @@ def _read_body(stream):
     except RequestTimeout:
         raise ApiError(408, 'request_timeout') from None
     except (OSError, ValueError):  # a broken chunked body, a reset
-        raise ApiError(400, 'bad_request') from None
+        # where the next request starts is unknown: close the connection
+        raise ApiError(400, 'bad_request', Connection='close') from None
 
 
 def positive_int(data, key, limit=2**53):
@@ -2480,10 +2481,30 @@ class Handler(WSGIHandler):
         try:
             if len(raw_requestline.split()) != 3:
                 return False  # HTTP/0.9, or a line cut by a bare LF: 400
-            return super().read_request(raw_requestline)
+            return (super().read_request(raw_requestline)
+                    and self._framing_is_clear())
         finally:
             if self._header_timer is not None:
                 self._header_timer.close()
+
+    def MessageClass(self, *args):
+        """The request's headers, kept as sent (pywsgi drops a
+        Content-Length beside chunked before we could see it)."""
+        headers = super().MessageClass(*args)
+        self._framing = (headers.get_all('Content-Length') or [],
+                         headers.get_all('Transfer-Encoding') or [])
+        return headers
+
+    def _framing_is_clear(self):
+        """False (400, connection closed) when the body's length is
+        ambiguous: two Content-Lengths, Content-Length beside
+        Transfer-Encoding, or a coding other than chunked. A proxy in
+        front may read such a request otherwise (request smuggling)."""
+        lengths, coding = self._framing
+        if len(lengths) > 1 or (coding and lengths):
+            return False
+        return not coding or [c.strip().lower() for c in coding] == [
+            'chunked']
 
     def _handle_client_error(self, ex):
         """Counted for the once-a-second log instead of logged one by one
@@ -2703,6 +2724,8 @@ def _openapi():
 def _static(path):
     response = bottle.static_file(path, root=STATIC_DIR)
     if isinstance(response, bottle.HTTPError):
+        if response.status_code == 416:
+            raise ApiError(416, 'range_not_satisfiable')
         raise ApiError(404, 'not_found')
     response.set_header('Cache-Control', 'public, max-age=60')
     return response

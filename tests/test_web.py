@@ -526,6 +526,47 @@ def test_lf_inside_the_request_line_is_refused(app_server):
     assert json_error(answer, 400, 'bad_request') is None, answer[:2]
 
 
+SMUGGLED = b'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'
+KEEP_ALIVE_POST = (b'POST /api/purchase HTTP/1.1\r\nHost: x\r\n'
+                   b'Content-Type: application/json\r\n')
+AMBIGUOUS_BODIES = [
+    ('two Content-Lengths', b'Content-Length: 2\r\nContent-Length: 100'
+     b'\r\n\r\n{}' + SMUGGLED),
+    ('Content-Length beside chunked', b'Content-Length: 40\r\n'
+     b'Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n' + SMUGGLED),
+    ('Transfer-Encoding gzip', b'Transfer-Encoding: gzip\r\n\r\n'
+     + SMUGGLED),
+    ('bad chunk size', b'Transfer-Encoding: chunked\r\n\r\nzz\r\n'
+     + SMUGGLED),
+]
+
+
+@pytest.mark.parametrize('name, rest', AMBIGUOUS_BODIES,
+                         ids=[name for name, _ in AMBIGUOUS_BODIES])
+def test_an_ambiguous_body_is_refused_and_nothing_follows(app_server, name,
+                                                          rest):
+    """Request smuggling: a proxy in front may see the bytes after such a
+    body as part of it; the node must not run them as a request."""
+    server = app_server()
+    parts = urllib.parse.urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), 10) as sock:
+        sock.sendall(KEEP_ALIVE_POST + rest)
+        got = b''
+        while chunk := sock.recv(65536):
+            got += chunk
+    statuses = re.findall(rb'HTTP/1\.1 (\d+)', got)
+    assert statuses == [b'400'], got
+    assert b'"error"' in got and b'application/json' in got
+
+
+def test_an_unsatisfiable_range_is_416(app_server):
+    server = app_server()
+    answer = raw_request(server.url, b'GET /static/app.css HTTP/1.1\r\n'
+                         b'Host: x\r\nRange: bytes=99999999-\r\n'
+                         b'Connection: close\r\n\r\n')
+    assert json_error(answer, 416, 'range_not_satisfiable') is None, answer
+
+
 def test_a_long_url_under_the_limit_is_served(app_server):
     server = app_server()
     status, _, products = raw_request(
