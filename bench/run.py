@@ -1247,6 +1247,11 @@ def main(argv=None):
     if args.streams:
         settings.streams = args.streams
     names = [n for n in NAMES if n in (args.names or NAMES)]
+    missing = [tool for tool in ('wrk', 'gcc') if not shutil.which(tool)]
+    if missing:
+        print(f'bench: {" and ".join(missing)} missing: '
+              f'apt-get install {" ".join(missing)}', file=sys.stderr)
+        return 2
     info = machine()
     print(f'sneakers23 benchmarks{" (quick)" if args.quick else ""} - '
           f'{info["date"]}\nmachine: {info["nproc"]} CPUs, {info["cpu"]}, '

@@ -188,3 +188,24 @@ def test_a_late_commit_is_refused_by_the_postgres_trigger(pg_database):
         sneakers23.set_commit_deadline(sneakers23.time.monotonic() + 5)
         Availability.take(item.id, 1)
     assert stock(item.id) == before - 1
+
+
+def test_prepared_queries_follow_the_database_in_use(pg_database,
+                                                     tmp_path):
+    """Compiled SQL is kept per database object: alternating new SQLite
+    and PostgreSQL database objects, each gets its own dialect (ids of
+    dead objects are reused: a cache keyed by id() once sent SQLite's SQL
+    to PostgreSQL)."""
+    sqlite_url = f'sqlite:///{tmp_path}/store.db'
+    db.initialize(sneakers23.open_database(sqlite_url))
+    with db.obj.connection_context():
+        sneakers23.seed(sneakers23.CATALOG_PATH)
+    for n in range(1, 21):
+        for url in (PG_URL, sqlite_url):
+            database = sneakers23.open_database(url)
+            db.initialize(database)
+            with database.connection_context():
+                assert Availability.add(1, 1)[0] == 120 + n, url
+            if hasattr(database, 'close_all'):
+                database.close_all()
+            del database
