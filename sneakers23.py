@@ -565,10 +565,12 @@ class DatabaseRunner:
         return result.get()
 
     def read(self, fn, *args):
-        """Like `run`, for big reads: on SQLite, off the hub's thread."""
+        """Like `run`, for big reads (a whole catalogue): three times the
+        deadline; on SQLite, off the hub's thread."""
+        deadline = time.monotonic() + DB_DEADLINE * 3
         if not self.is_sqlite:
-            return self.run(fn, *args)
-        with _deadline(time.monotonic() + DB_DEADLINE * 3):
+            return self.run(_long_statement, fn, args, deadline=deadline)
+        with _deadline(deadline):
             return self._reader.apply(self._read_in_thread, (fn, args))
 
     def close(self):
@@ -611,6 +613,15 @@ class DatabaseRunner:
     def _read_in_thread(self, fn, args):
         if db.is_closed():
             db.connect()
+        return fn(*args)
+
+
+def _long_statement(fn, args):
+    """`fn(*args)` in a transaction whose statements may take three times
+    the PostgreSQL statement_timeout."""
+    with db.atomic():
+        db.execute_sql(f'SET LOCAL statement_timeout = '
+                       f'{int(DB_DEADLINE * 3000)}')
         return fn(*args)
 
 
