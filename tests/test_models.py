@@ -209,3 +209,26 @@ def test_prepared_queries_follow_the_database_in_use(pg_database,
             if hasattr(database, 'close_all'):
                 database.close_all()
             del database
+
+
+def test_a_database_error_while_preparing_stops_the_start(tmp_path,
+                                                          monkeypatch):
+    """Only a concurrent seed (IntegrityError: another node seeded at the
+    same moment) is forgiven at start; any other database error stops the
+    node instead of leaving it serving an unseeded store."""
+    url = f'sqlite:///{tmp_path}/store.db'
+    database = sneakers23.open_database(url)
+    db.initialize(database)
+    with database.connection_context():
+        sneakers23.create_tables()   # tables there, no products
+
+    def broken_seed(*args, **kwargs):
+        raise sneakers23.OperationalError('disk I/O error')
+
+    monkeypatch.setattr(sneakers23, 'seed', broken_seed)
+    node = sneakers23.Node(sneakers23.Config(db_url=url, port=0))
+    try:
+        with pytest.raises(sneakers23.OperationalError, match='disk I/O'):
+            node.start()
+    finally:
+        node.stop()
