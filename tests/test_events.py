@@ -420,6 +420,42 @@ def test_hub_cuts_off_a_real_socket_that_never_reads(monkeypatch,
         dead.close()
 
 
+def test_hub_cuts_off_a_stream_that_stalls_with_little_pending(
+        monkeypatch, served_hub):
+    """Too few events to fill the pending bound: a client that takes no
+    byte for SSE_STALL_TIMEOUT while bytes wait is cut off all the same;
+    one that reads is left alone."""
+    monkeypatch.setattr(sneakers23, 'SSE_STALL_TIMEOUT', 0.5)
+    hub, server = served_hub(buffer_size=64, sndbuf=4096)
+    dead = socket.socket()
+    dead.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    dead.connect(('127.0.0.1', server.server.server_port))
+    dead.sendall(b'GET /events HTTP/1.1\r\nHost: x\r\n\r\n')
+    reader = None
+    try:
+        wait_until(lambda: hub.open_streams == 1, 2, 'dead one open')
+        reader = SSEClient(server.url)
+        wait_until(lambda: hub.open_streams == 2, 2, 'reader open')
+        padding = 'x' * 2000
+        for n in range(1, 21):   # ~40 KB: far below SSE_MAX_PENDING
+            hub.publish('stock_change', 1, {'product_id': 1, 'item_id': n,
+                                            'level': 'low', 'pad': padding})
+        wait_until(lambda: len(reader.events) == 20, 2, 'reader has all')
+        wait_until(lambda: any(pending_bytes(hub)), 2, 'bytes wait')
+        assert hub.cut_off == 0
+
+        def stall_cut():
+            hub.cut_stalled()
+            return hub.open_streams == 1
+        wait_until(stall_cut, 5, 'the stalled stream cut off')
+        assert hub.cut_off == 1
+        assert len(reader.events) == 20 and not reader._reader.dead
+    finally:
+        if reader:
+            reader.close()
+        dead.close()
+
+
 # ---------------------------------------------------------------------------
 # A node in this process (app_server): big replays to clients that never read
 # ---------------------------------------------------------------------------
