@@ -51,6 +51,8 @@ import gevent.queue
 import gevent.threadpool
 import greenlet
 import peewee
+import prometheus_client
+import prometheus_client.metrics_core
 import zmq.green as zmq
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from peewee import (
@@ -1223,6 +1225,7 @@ class WritePath:
         workers = 1 if runner.is_sqlite else PG_POOL_SIZE
         self.loops = [Loop(f'commit-{n}', self._commit_next)
                       for n in range(1, workers + 1)]
+        self.committed = lambda size, seconds: None   # see Metrics
 
     def start(self):
         self.runner.start()
@@ -1353,9 +1356,11 @@ class WritePath:
         purchases = [job for job in batch if isinstance(job, Purchase)]
         writes = [job for job in batch if isinstance(job, Write)]
         deadline = min(job.deadline for job in batch)
+        started = time.perf_counter()
         done, outcomes = self.runner.run(
             commit_batch, purchases, writes, self.node, deadline,
             deadline=deadline + DB_DEADLINE_MARGIN)
+        self.committed(len(batch), time.perf_counter() - started)
         for write, result in zip(writes, done, strict=True):
             if isinstance(result, DatabaseError):
                 write.result.set_exception(Unavailable(str(result)))
@@ -1548,6 +1553,7 @@ class EventHub:
         self._sender = gevent.threadpool.ThreadPool(1)
         self._sending, self._closing = False, []
         self._openings = {}   # (seq, cursor, products) -> shared bytes
+        self.published = Counter()   # events by name
         self.loops = [Loop('fan-out', self._fan_out_next)]
 
     @property
@@ -1595,6 +1601,7 @@ class EventHub:
         self.seq += 1
         payload = format_event(name, data, self.last_event_id)
         self._ring.append((self.seq, product_id, payload))
+        self.published[name] += 1
         self._dirty.set()
 
     # -- opening a stream ----------------------------------------------
@@ -2424,7 +2431,8 @@ class AnswerLog:
     """Counts purchases and refusals by outcome; logs them at INFO once a
     second, so the log stays readable at thousands of requests a second."""
 
-    def __init__(self):
+    def __init__(self, counter=None):
+        self.counter = counter   # the Prometheus counter of outcomes
         self.purchases, self.refusals = Counter(), Counter()
         self.unavailable = Counter()
         self.loop = Loop('answer-log', self._flush, 1.0)
@@ -2437,18 +2445,19 @@ class AnswerLog:
 
     def purchase(self, outcome):
         self.purchases[str(outcome)] += 1
+        if self.counter is not None:
+            self.counter.labels(str(outcome)).inc()
 
-    def refusal(self, path, status, code):
-        if path == '/api/purchase' and (status in (403, 409, 429)
-                                        or code == 'paused'):
-            self.purchases[code] += 1
-        elif path == '/api/purchase' and status != 503:
-            self.purchases[str(status)] += 1
-        elif status == 503:
-            self.purchases['unavailable'] += 1
-            self.unavailable[code] += 1
+    def refusal(self, path, status, code, reason=''):
+        """Count a refused request: a purchase's by its outcome (an error
+        code, or the status for a malformed one), others by route."""
+        if path == '/api/purchase':
+            self.purchase(code if status in (403, 409, 429, 503)
+                          else str(status))
         else:
             self.refusals[f'{status} {code} {path[:40]}'] += 1
+        if reason:
+            self.unavailable[reason] += 1
 
     def _flush(self):
         for title, counts in (('purchases', self.purchases),
@@ -2459,6 +2468,68 @@ class AnswerLog:
                                    sorted(counts.items()))
                 counts.clear()
                 logger.info('%s in the last second: %s', title, summary)
+
+
+class Metrics:
+    """The node's Prometheus metrics (`GET /metrics`), in a registry of
+    its own: purchases by outcome, streams, events, batch sizes, commit
+    time, hub lag, replication lag per peer."""
+
+    def __init__(self, node):
+        self.registry = registry = prometheus_client.CollectorRegistry()
+        self.purchases = prometheus_client.Counter(
+            'sneakers23_purchases', 'Purchase answers by outcome',
+            ['outcome'], registry=registry)
+        self.batch_size = prometheus_client.Histogram(
+            'sneakers23_batch_size', 'Writes committed together',
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
+        self.commit_seconds = prometheus_client.Histogram(
+            'sneakers23_commit_seconds', 'Time to commit one batch',
+            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 3),
+            registry=registry)
+        registry.register(_NodeGauges(node))
+
+    def committed(self, size, seconds):
+        self.batch_size.observe(size)
+        self.commit_seconds.observe(seconds)
+
+    def exposition(self):
+        return prometheus_client.generate_latest(self.registry)
+
+
+class _NodeGauges:
+    """Values read from the node at each scrape."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def collect(self):
+        node, metric = self.node, prometheus_client.metrics_core
+        yield metric.GaugeMetricFamily(
+            'sneakers23_sse_streams', 'Open SSE streams',
+            value=node.hub.open_streams)
+        events = metric.CounterMetricFamily(
+            'sneakers23_sse_events', 'SSE events published', labels=['event'])
+        for name, count in sorted(node.hub.published.items()):
+            events.add_metric([name], count)
+        yield events
+        yield metric.CounterMetricFamily(
+            'sneakers23_sse_cut_off', 'SSE streams cut off',
+            value=node.hub.cut_off)
+        yield metric.GaugeMetricFamily(
+            'sneakers23_hub_lag_seconds', 'Worst hub lateness, last 10 s',
+            value=node.lag.stats()['max_10s'] / 1000)
+        yield metric.GaugeMetricFamily(
+            'sneakers23_paused', '1 while sales are paused',
+            value=int(node.inventory.paused))
+        lag = metric.GaugeMetricFamily(
+            'sneakers23_replication_lag_seconds',
+            'Time since the last message of each peer', labels=['peer'])
+        for name, peer in (node.replicator.health().items()
+                           if node.replicator else ()):
+            if peer['lag_ms'] is not None:
+                lag.add_metric([name], peer['lag_ms'] / 1000)
+        yield lag
 
 
 class Node:
@@ -2481,7 +2552,9 @@ class Node:
         self.admin_hash, self.token_note = token_hash(secrets.token_hex()), ''
         self.lag = LagProbe()
         self.limits = ClientLimits(config)
-        self.answers = AnswerLog()
+        self.metrics = Metrics(self)
+        self.writes.committed = self.metrics.committed
+        self.answers = AnswerLog(self.metrics.purchases)
         self.housekeeping = Loop('housekeeping', self._housekeep,
                                  HOUSEKEEPING_INTERVAL)
         self._cache = {}
@@ -2669,7 +2742,8 @@ def api_errors(node):
                 return json_response(e.status, {'error': e.code},
                                      **e.headers)
             except Unavailable as e:
-                node.answers.refusal(bottle.request.path, 503, str(e))
+                node.answers.refusal(bottle.request.path, 503, 'unavailable',
+                                     str(e))
                 return json_response(503, {'error': 'unavailable'},
                                      **{'Retry-After': '1'})
         return wrapper
@@ -2862,6 +2936,7 @@ def _routes(app, node):
     app.route('/admin/api/products/<product_id>/schedule', 'POST',
               lambda product_id: _schedule(node, path_id(product_id)))
     app.route('/admin/api/sales', 'POST', lambda: _sales(node))
+    app.route('/metrics', 'GET', lambda: _metrics(node))
     app.route('/healthz', 'GET', lambda: _health(node))
     app.route('/api/openapi.json', 'GET', _openapi)
     app.route('/static/<path:path>', 'GET', _static)
@@ -3019,6 +3094,12 @@ def _sales(node):
     node.writes.pause_sales(paused)
     logger.info('%s sales for %s', 'paused' if paused else 'resumed', ip)
     return {'paused': paused}
+
+
+def _metrics(node):
+    _require_admin(node)
+    bottle.response.content_type = prometheus_client.CONTENT_TYPE_LATEST
+    return node.metrics.exposition()
 
 
 def _health(node):

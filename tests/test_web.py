@@ -846,3 +846,39 @@ def test_wrong_admin_tokens_lock_out_the_ip(app_server):
                    {'count': 5}, headers=admin_headers())
     assert too_many_requests(restock) is None
     assert store_state(server.url, server.node.config.db_url) == before
+
+
+# ---------------------------------------------------------------------------
+# /metrics (issue 10)
+# ---------------------------------------------------------------------------
+
+def scrape(url):
+    """(every sample without labels by name, purchases by outcome)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    status, headers, body = call(url, 'GET', '/metrics',
+                                 headers=admin_headers())
+    assert status == 200, body
+    assert headers['content-type'].startswith('text/plain')
+    samples = [sample for family in
+               text_string_to_metric_families(body.decode())
+               for sample in family.samples]
+    return ({s.name: s for s in samples if not s.labels},
+            {s.labels['outcome']: s.value for s in samples
+             if s.name == 'sneakers23_purchases_total'})
+
+
+def test_metrics_count_the_purchases_the_database_holds(app_server):
+    server = released_store(app_server)
+    db_url = server.node.config.db_url
+    items = [i for i in call(server.url, 'GET', '/api/products')[2][0]
+             ['items'] if 0 < i['count'] <= 60]
+    item = items[0]
+    answers = buy_concurrently(server.url, [item['id']] * (item['count'] + 7))
+    statuses = [status for status, _, _ in answers]
+    samples, outcomes = scrape(server.url)
+    orders = db_rows(db_url, 'SELECT COUNT(*) FROM orders')[0][0]
+    assert outcomes['201'] == statuses.count(201) == orders == item['count']
+    assert outcomes['sold_out'] == statuses.count(409) == 7
+    assert samples['sneakers23_batch_size_count'].value >= 1
+    assert samples['sneakers23_paused'].value == 0
+    assert call(server.url, 'GET', '/metrics')[0] == 401
