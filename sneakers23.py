@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -114,6 +115,7 @@ IP_PAIRS, IP_RATE = 4, 20
 TRUSTED_IPS = ('127.0.0.1', '::1')
 ADMIN_FAILURES, ADMIN_REFILL = 10, 6.0   # wrong tokens per IP, s per one
 PAIRS_RETRY_AFTER = 3600
+PAUSED_RETRY_AFTER = '10'
 
 SSE_RETRY_MS = 2000
 SSE_KEEPALIVE = 15.0
@@ -199,6 +201,25 @@ def level_of(count):
 def utcnow():
     """The current time in UTC, without tzinfo (as stored)."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def iso_moment(moment):
+    """A stored (naive UTC) moment as ISO 8601 with `Z`; None stays."""
+    return moment and moment.isoformat() + 'Z'
+
+
+def parse_moment(text):
+    """ISO 8601 with a zone (`Z` or `+01:00`) as a naive UTC moment;
+    ValueError without a zone or when unreadable."""
+    if not isinstance(text, str):
+        raise ValueError('a moment must be ISO 8601 text')
+    moment = datetime.fromisoformat(text.strip())
+    if moment.tzinfo is None:
+        raise ValueError('a moment needs a zone: Z or +01:00')
+    try:
+        return moment.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:  # 0001-01-01T00:00+01:00
+        raise ValueError('a moment out of range') from None
 
 
 def load_cluster(path, node):
@@ -653,6 +674,15 @@ class Product(BaseModel):
     release_at = DateTimeField(null=True)
 
     @classmethod
+    def schedule(cls, product_id, at):
+        """Set (or, with None, clear) the moment an unreleased product is
+        released; True when it is still unreleased."""
+        return bool(cls
+                    .update(release_at=at)
+                    .where((cls.id == product_id) & (cls.released == False))  # noqa: E712,E501
+                    .execute())
+
+    @classmethod
     def release(cls, product_id, at):
         """Mark a product released at `at`; True when it was not already."""
         return bool(cls
@@ -763,6 +793,18 @@ class Setting(BaseModel):
     value = CharField()
 
     @classmethod
+    def put(cls, key, value):
+        """Store `value` under `key`, replacing what was there."""
+        (cls.insert(key=key, value=value)
+         .on_conflict(conflict_target=[cls.key], update={cls.value: value})
+         .execute())
+
+    @classmethod
+    def read(cls, key, default=None):
+        row = cls.get_or_none(cls.key == key)
+        return default if row is None else row.value
+
+    @classmethod
     def get_or_make(cls, key, make):
         """The value under `key`, stored first from `make()` if missing."""
         cls.insert(key=key, value=make()).on_conflict_ignore().execute()
@@ -801,12 +843,16 @@ def stock_rows():
                 .tuples())
 
 
-def released_rows():
-    """(product_id, release_at) of every released product."""
+def release_rows():
+    """(product_id, released, release_at) of every product."""
     return list(Product
-                .select(Product.id, Product.release_at)
-                .where(Product.released == True)  # noqa: E712
+                .select(Product.id, Product.released, Product.release_at)
                 .tuples())
+
+
+def sales_paused():
+    """Whether the store's sales are paused (the kill switch)."""
+    return Setting.read('paused', '0') == '1'
 
 
 def create_tables():
@@ -917,12 +963,19 @@ class ProductState:
         self.items = items
         self.json = None
 
+    @property
+    def state(self):
+        """`released`, `scheduled` or `coming_soon`."""
+        if self.released:
+            return 'released'
+        return 'scheduled' if self.release_at else 'coming_soon'
+
     def as_json(self):
-        release_at = self.release_at and self.release_at.isoformat() + 'Z'
         return {'id': self.id, 'sku': self.sku, 'brand': self.brand,
                 'name': self.name, 'color': self.color,
                 'price_cents': self.price_cents, 'image': self.image,
-                'released': self.released, 'release_at': release_at,
+                'released': self.released, 'state': self.state,
+                'release_at': iso_moment(self.release_at),
                 'items': [item.as_json() for item in self.items]}
 
     def json_bytes(self):
@@ -944,6 +997,7 @@ class Inventory:
     def __init__(self):
         self.products, self.items = {}, {}
         self.revision = 0
+        self.paused = False   # the kill switch: no sales anywhere
         self._listeners = []
 
     def load(self, rows):
@@ -985,6 +1039,26 @@ class Inventory:
         product.released, product.release_at = True, at
         self._touch(product)
         self._tell('released', product, None, None, local)
+        return True
+
+    def product_scheduled(self, product_id, at, local=True):
+        """Set the moment an unreleased product is released (None: not
+        scheduled); True if that changed anything."""
+        product = self.products.get(product_id)
+        if product is None or product.released or product.release_at == at:
+            return False
+        product.release_at = at
+        self._touch(product)
+        self._tell('scheduled', product, None, None, local)
+        return True
+
+    def sales_changed(self, paused, local=True):
+        """Pause or resume every sale; True if that changed anything."""
+        if self.paused == paused:
+            return False
+        self.paused = paused
+        self.revision += 1
+        self._tell('sales', None, None, None, local)
         return True
 
     def released_stock(self):
@@ -1153,14 +1227,21 @@ class WritePath:
 
     def load(self):
         """(Re)load the whole inventory from the database."""
-        self.inventory.load(self.runner.read(catalog_rows))
+        rows, paused = self.runner.read(
+            lambda: (catalog_rows(), sales_paused()))
+        self.inventory.load(rows)
+        self.inventory.paused = paused
 
     def refresh(self):
         """Bring memory up to the database (changes made anywhere)."""
-        stock, released = self.runner.read(
-            lambda: (stock_rows(), released_rows()))
-        for product_id, at in released:
-            self.inventory.product_released(product_id, at, local=False)
+        stock, releases, paused = self.runner.read(
+            lambda: (stock_rows(), release_rows(), sales_paused()))
+        self.inventory.sales_changed(paused, local=False)
+        for product_id, released, at in releases:
+            if released:
+                self.inventory.product_released(product_id, at, local=False)
+            else:
+                self.inventory.product_scheduled(product_id, at, local=False)
         for item_id, count, version in stock:
             self.inventory.item_changed(item_id, count, version, local=False)
 
@@ -1172,13 +1253,32 @@ class WritePath:
         """
         return self._submit(Purchase(item.id, item.product_id, shopper))
 
-    def release(self, product_id):
-        """Release a product; True if this call released it."""
+    def release(self, product_id, at=None):
+        """Release a product (at its scheduled moment `at`, else now);
+        True if this node marked it released.
+
+        Every node releases a scheduled product by itself at its moment:
+        the database's conditional write lets the first one in, and the
+        others mark memory as released all the same.
+        """
         if self.inventory.products[product_id].released:
             return False  # memory follows the database: nothing to write
-        at = utcnow()
+        at = at or utcnow()
         self._write(Product.release, product_id, at)
         return self.inventory.product_released(product_id, at)
+
+    def schedule(self, product_id, at):
+        """Release a product at `at` (None: cancel); False when it was
+        released meanwhile."""
+        if not self._write(Product.schedule, product_id, at):
+            return False
+        self.inventory.product_scheduled(product_id, at)
+        return True
+
+    def pause_sales(self, paused):
+        """The kill switch: stop (or restart) every sale of the store."""
+        self._write(Setting.put, 'paused', '1' if paused else '0')
+        self.inventory.sales_changed(paused)
 
     def restock(self, item_id, count):
         """Add pairs to an item; its new count, or None if it has none."""
@@ -1284,6 +1384,58 @@ class WritePath:
 
 
 # ---------------------------------------------------------------------------
+# Drop day: scheduled releases
+# ---------------------------------------------------------------------------
+
+class Scheduler:
+    """Releases each scheduled product at its moment, on every node by
+    itself: no admin action and no peer needed. A node started after a
+    moment releases the product at once."""
+
+    def __init__(self, inventory, writes):
+        self.inventory, self.writes = inventory, writes
+        self._wake = gevent.event.Event()
+        self.loop = Loop('scheduler', self._release_due)
+        inventory.listen(self.on_inventory)
+
+    def start(self):
+        self.loop.start()
+
+    def stop(self):
+        self.loop.stop()
+
+    def on_inventory(self, kind, product, item, old_level, local):
+        """A schedule changed: look again at once."""
+        if kind == 'scheduled':
+            self._wake.set()
+
+    def _release_due(self):
+        """Release what is due, then sleep until the next moment (at most
+        a second, or until a schedule changes)."""
+        self._wake.clear()
+        now = utcnow()
+        due = sorted((p.release_at, p.id)
+                     for p in list(self.inventory.products.values())
+                     if p.release_at and not p.released)
+        for at, product_id in due:
+            if at <= now:
+                self._release(product_id, at)
+        later = [at for at, _ in due if at > now]
+        wait = min([1.0] + [(at - now).total_seconds() for at in later])
+        self._wake.wait(max(0.0, wait))
+
+    def _release(self, product_id, at):
+        try:
+            if self.writes.release(product_id, at):
+                logger.info('released product %d at its scheduled moment '
+                            '%s', product_id, iso_moment(at))
+        except Unavailable as e:
+            logger.warning('cannot release product %d at its moment yet: '
+                           '%s', product_id, e)
+            self._wake.wait(1.0)
+
+
+# ---------------------------------------------------------------------------
 # Event hub: Server-Sent Events
 # ---------------------------------------------------------------------------
 
@@ -1309,17 +1461,19 @@ def size_html(product):
     return render('size_selector', product=product)
 
 
-def snapshot_of(products):
+def snapshot_of(products, paused=False):
     """The `snapshot` event body for `products`.
 
     Released products also carry `size_html`, so that a page which missed
     the release can show the sizes from this one event.
     """
-    return {'products': [_product_snapshot(p) for p in products]}
+    return {'paused': paused,
+            'products': [_product_snapshot(p) for p in products]}
 
 
 def _product_snapshot(product):
     entry = {'product_id': product.id, 'released': product.released,
+             'release_at': iso_moment(product.release_at),
              'items': [{'id': i.id, 'level': i.level} for i in product.items]}
     if product.released:
         entry['size_html'] = size_html(product)
@@ -1424,9 +1578,16 @@ class EventHub:
                 self.publish('stock_change', product.id, {
                     'product_id': product.id, 'item_id': item.id,
                     'level': level})
+        elif kind == 'scheduled':
+            self.publish('scheduled', product.id, {
+                'product_id': product.id,
+                'release_at': iso_moment(product.release_at)})
+        elif kind == 'sales':
+            self.publish('sales', None, {'paused': self.inventory.paused})
 
     def publish(self, name, product_id, data):
-        """Encode an event once; the fan-out greenlet sends it."""
+        """Encode an event once; the fan-out greenlet sends it (to every
+        stream when `product_id` is None, else to those that want it)."""
         self.seq += 1
         payload = format_event(name, data, self.last_event_id)
         self._ring.append((self.seq, product_id, payload))
@@ -1477,7 +1638,8 @@ class EventHub:
     def _snapshot(self, products):
         chosen = [p for p in self.inventory.ordered()
                   if products is None or p.id in products]
-        return format_event('snapshot', snapshot_of(chosen),
+        return format_event('snapshot',
+                            snapshot_of(chosen, self.inventory.paused),
                             self.last_event_id)
 
     def _resume_cursor(self, last_event_id):
@@ -1498,7 +1660,8 @@ class EventHub:
         skip = cursor - first + 1
         return b''.join(payload for _, pid, payload
                         in itertools.islice(self._ring, skip, None)
-                        if products is None or pid in products)
+                        if products is None or pid is None
+                        or pid in products)
 
     # -- writing ---------------------------------------------------------
 
@@ -1657,7 +1820,8 @@ class EventHub:
 # ---------------------------------------------------------------------------
 
 MESSAGE_FIELDS = {'availability': ('item_id', 'count', 'version'),
-                  'released': ('product_id',), 'heartbeat': ()}
+                  'released': ('product_id',), 'heartbeat': (),
+                  'scheduled': ('product_id',), 'sales': ()}
 
 
 def encode_message(node, boot, seq, kind, **fields):
@@ -1671,11 +1835,15 @@ def decode_message(frames):
     if len(frames) != 2 or frames[0] != b'inv':
         raise ValueError('not two frames starting with "inv"')
     msg = json.loads(frames[1])
-    if not isinstance(msg, dict) or msg.get('type') not in MESSAGE_FIELDS:
-        raise ValueError(f'unknown message {frames[1][:80]!r}')
-    for name in ('seq', *MESSAGE_FIELDS[msg['type']]):
+    if not isinstance(msg, dict) or not isinstance(msg.get('type'), str):
+        raise ValueError(f'not a message: {frames[1][:80]!r}')
+    # A type this node does not know (a newer peer's) still counts in
+    # the origin's seq; `apply` ignores it.
+    for name in ('seq', *MESSAGE_FIELDS.get(msg['type'], ())):
         if type(msg.get(name)) is not int:
             raise ValueError(f'{msg["type"]} message without int {name}')
+    if msg['type'] == 'sales' and type(msg.get('paused')) is not bool:
+        raise ValueError('sales message without a true/false paused')
     if not isinstance(msg.get('node'), str):
         raise ValueError('message without its origin node')
     return msg
@@ -1687,6 +1855,14 @@ def parse_time(text):
         return datetime.fromisoformat(text.rstrip('Z'))
     except (AttributeError, ValueError):
         return utcnow()
+
+
+def _moment_or_none(text):
+    """A replicated schedule: a moment, or None (cancelled, unreadable)."""
+    try:
+        return parse_moment(text)
+    except ValueError:
+        return None
 
 
 def curve_keys(config):
@@ -1794,7 +1970,12 @@ class Replicator:
                          version=item.version)
         elif kind == 'released':
             self.publish('released', product_id=product.id,
-                         release_at=product.release_at.isoformat() + 'Z')
+                         release_at=iso_moment(product.release_at))
+        elif kind == 'scheduled':
+            self.publish('scheduled', product_id=product.id,
+                         release_at=iso_moment(product.release_at))
+        elif kind == 'sales':
+            self.publish('sales', paused=self.inventory.paused)
 
     def publish(self, kind, **fields):
         """Send one message to every subscribed peer."""
@@ -1929,6 +2110,12 @@ class Replicator:
             self.inventory.product_released(
                 msg['product_id'], parse_time(msg.get('release_at')),
                 local=False)
+        elif msg['type'] == 'scheduled':
+            self.inventory.product_scheduled(
+                msg['product_id'], _moment_or_none(msg.get('release_at')),
+                local=False)
+        elif msg['type'] == 'sales':
+            self.inventory.sales_changed(msg['paused'], local=False)
 
     def request_resync(self, reason):
         """Reload stock from the database soon (coalesced)."""
@@ -2192,7 +2379,8 @@ class AnswerLog:
         self.purchases[str(outcome)] += 1
 
     def refusal(self, path, status, code):
-        if path == '/api/purchase' and status in (403, 409, 429):
+        if path == '/api/purchase' and (status in (403, 409, 429)
+                                        or code == 'paused'):
             self.purchases[code] += 1
         elif path == '/api/purchase' and status != 503:
             self.purchases[str(status)] += 1
@@ -2225,6 +2413,7 @@ class Node:
         self.hub = EventHub(self.inventory)
         self.inventory.listen(self.hub.on_inventory)
         self.writes = WritePath(self.runner, self.inventory, config.node)
+        self.scheduler = Scheduler(self.inventory, self.writes)
         self.replicator = None
         if config.replication:
             self.replicator = Replicator(config, self.inventory, self.writes)
@@ -2245,11 +2434,13 @@ class Node:
         self.hub.start()
         if self.replicator:
             self.replicator.start()
-        for loop in (self.lag, self.answers, self.housekeeping):
+        for loop in (self.lag, self.answers, self.housekeeping,
+                     self.scheduler):
             loop.start()
 
     def stop(self):
-        for loop in (self.housekeeping, self.answers, self.lag):
+        for loop in (self.scheduler, self.housekeeping, self.answers,
+                     self.lag):
             loop.stop()
         if self.replicator:
             self.replicator.stop()
@@ -2260,7 +2451,8 @@ class Node:
         """Every background loop of the node, by name."""
         parts = [self.runner, self.writes, self.hub, self.replicator]
         loops = [loop for part in parts if part for loop in part.loops]
-        loops += [self.lag.loop, self.answers.loop, self.housekeeping]
+        loops += [self.lag.loop, self.answers.loop, self.housekeeping,
+                  self.scheduler.loop]
         return {loop.name: loop for loop in loops}
 
     def health(self):
@@ -2269,6 +2461,7 @@ class Node:
         loops = {name: loop.state for name, loop in self.loops().items()}
         return {'node': self.config.node, 'db': redact(self.config.db_url),
                 'ok': 'dead' not in loops.values(),
+                'paused': self.inventory.paused,
                 'peers': peers, 'streams': self.hub.open_streams,
                 'sse_cut_off': self.hub.cut_off,
                 'products': len(self.inventory.products),
@@ -2601,6 +2794,9 @@ def _routes(app, node):
               lambda product_id: _release(node, path_id(product_id)))
     app.route('/admin/api/items/<item_id>/restock', 'POST',
               lambda item_id: _restock(node, path_id(item_id)))
+    app.route('/admin/api/products/<product_id>/schedule', 'POST',
+              lambda product_id: _schedule(node, path_id(product_id)))
+    app.route('/admin/api/sales', 'POST', lambda: _sales(node))
     app.route('/healthz', 'GET', lambda: _health(node))
     app.route('/api/openapi.json', 'GET', _openapi)
     app.route('/static/<path:path>', 'GET', _static)
@@ -2645,6 +2841,8 @@ def _purchase(node):
         raise ApiError(404, 'not_found')
     if not node.inventory.products[item.product_id].released:
         raise ApiError(403, 'not_released')
+    if node.inventory.paused:
+        raise ApiError(503, 'paused', **{'Retry-After': PAUSED_RETRY_AFTER})
     node.limits.check_purchase(ip, item.product_id)
     if item.count <= 0:
         raise ApiError(409, SOLD_OUT)  # from memory, no database trip
@@ -2721,6 +2919,44 @@ def _restock(node, item_id):
     return {'item_id': item_id, 'count': total, 'level': level_of(total)}
 
 
+def _schedule(node, product_id):
+    ip = _require_admin(node)
+    body = json_body()
+    if 'at' not in body:
+        raise ApiError(400, 'at must be an ISO 8601 moment with a zone, '
+                            'or null')
+    at = None
+    if body['at'] is not None:
+        try:
+            at = parse_moment(body['at'])
+        except ValueError:
+            raise ApiError(400, 'at must be an ISO 8601 moment with a '
+                                'zone, or null') from None
+    product = node.inventory.products.get(product_id)
+    if product is None:
+        raise ApiError(404, 'not_found')
+    if product.released:
+        raise ApiError(409, 'already_released')
+    if at is not None and at <= utcnow():
+        raise ApiError(409, 'in_the_past')
+    if not node.writes.schedule(product_id, at):
+        raise ApiError(409, 'already_released')  # released meanwhile
+    logger.info('%s product %d (%s) for %s', f'scheduled {iso_moment(at)}'
+                if at else 'unscheduled', product_id, product.sku, ip)
+    return {'product_id': product_id, 'release_at': iso_moment(at),
+            'scheduled': at is not None}
+
+
+def _sales(node):
+    ip = _require_admin(node)
+    paused = json_body().get('paused')
+    if type(paused) is not bool:
+        raise ApiError(400, 'paused must be true or false')
+    node.writes.pause_sales(paused)
+    logger.info('%s sales for %s', 'paused' if paused else 'resumed', ip)
+    return {'paused': paused}
+
+
 def _health(node):
     health = node.health()
     if not health['ok']:
@@ -2746,7 +2982,8 @@ def _static(path):
 # Command line
 # ---------------------------------------------------------------------------
 
-COMMANDS = ('serve', 'seed', 'release', 'restock', 'sell-random', 'keygen')
+COMMANDS = ('serve', 'seed', 'release', 'restock', 'sell-random', 'keygen',
+            'pause', 'resume')
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -2771,6 +3008,12 @@ def build_parser():
                           help='catalogue TOML (default: data/catalog.toml)')
     release = commands.add_parser('release', help='release a product')
     release.add_argument('product', help='product id or sku')
+    when = release.add_mutually_exclusive_group()
+    when.add_argument('--at', metavar='WHEN',
+                      help='release at WHEN: ISO 8601 with a zone '
+                           '(2026-12-01T18:00:00Z) or +90s, +10m, +2h')
+    when.add_argument('--cancel', action='store_true',
+                      help='cancel its scheduled release')
     _url_option(release)
     restock = commands.add_parser('restock', help='add stock to an item')
     restock.add_argument('item', type=int, help='item id')
@@ -2785,6 +3028,9 @@ def build_parser():
                       help='concurrent shoppers (default 20)')
     _url_option(sell)
     commands.add_parser('keygen', help='print a CURVE key pair')
+    for name, what in (('pause', 'stop all sales on every node'),
+                       ('resume', 'restart sales on every node')):
+        _url_option(commands.add_parser(name, help=what))
     return parser
 
 
@@ -3009,13 +3255,53 @@ def _report(status, answer, success):
 
 
 def release_command(args):
-    """`release PRODUCT`: by id or sku, through the admin API."""
+    """`release PRODUCT [--at WHEN | --cancel]`: by id or sku, through
+    the admin API."""
+    if args.at or args.cancel:
+        return schedule_command(args)
     client = _admin_client(args)
     product_id = _find_product(client, args.product)
     status, answer = client.admin(
         f'/admin/api/products/{product_id}/release')
     return _report(status, answer, lambda a: f'product {product_id} released'
                    + ('' if a.get('changed') else ' (it already was)'))
+
+
+def schedule_command(args):
+    """`release PRODUCT --at WHEN` / `--cancel`."""
+    at = None if args.cancel else iso_moment(when_moment(args.at))
+    client = _admin_client(args)
+    product_id = _find_product(client, args.product)
+    status, answer = client.admin(
+        f'/admin/api/products/{product_id}/schedule', {'at': at})
+    return _report(status, answer, lambda a: (
+        f"product {product_id} will be released at {a['release_at']}"
+        if a['scheduled'] else f'product {product_id} is not scheduled'))
+
+
+def when_moment(text, now=None):
+    """WHEN of `--at`: ISO 8601 with a zone, or +90s / +10m / +2h from
+    now; a naive UTC moment, or ConfigError."""
+    now = now or utcnow()
+    match = re.fullmatch(r'\+(\d{1,7})([smh])', text.strip())
+    if match:
+        seconds = int(match[1]) * {'s': 1, 'm': 60, 'h': 3600}[match[2]]
+        return now + timedelta(seconds=seconds)
+    try:
+        return parse_moment(text)
+    except ValueError:
+        raise ConfigError(f'--at {text!r}: give ISO 8601 with a zone '
+                          '(2026-12-01T18:00:00Z) or +90s, +10m, +2h') \
+            from None
+
+
+def sales_command(args):
+    """`pause` / `resume`: the kill switch, for every node."""
+    client = _admin_client(args)
+    status, answer = client.admin('/admin/api/sales',
+                                  {'paused': args.command == 'pause'})
+    return _report(status, answer, lambda a: 'sales paused on every node'
+                   if a['paused'] else 'sales resumed on every node')
 
 
 def _find_product(client, ref):
@@ -3164,7 +3450,8 @@ def main(argv=None):
     commands = {'serve': serve_command, 'seed': seed_command,
                 'release': release_command, 'restock': restock_command,
                 'sell-random': sell_random_command,
-                'keygen': keygen_command}
+                'keygen': keygen_command, 'pause': sales_command,
+                'resume': sales_command}
     try:
         return commands[args.command](args) or 0
     except ConfigError as e:

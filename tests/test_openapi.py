@@ -263,6 +263,17 @@ def test_every_answer_of_the_write_routes_is_what_the_server_answers(
     got.add(*RELEASE, release(local, 10**9))
     got.add(*RELEASE, release(local, 2, token=None))
 
+    # The kill switch: a purchase while sales are paused sells nothing.
+    before = local.state()
+    assert local.request('POST', '/admin/api/sales', token=TOKEN,
+                         json={'paused': True}).status_code == 200
+    got.add(*PURCHASE, buy(local, in_stock[2]))
+    assert local.request('POST', '/admin/api/sales', token=TOKEN,
+                         json={'paused': False}).status_code == 200
+    after = local.state()
+    assert {k: v for k, v in after.items() if k != 'revision'} == {
+        k: v for k, v in before.items() if k != 'revision'}  # no sale
+
     # A database that does not answer: 503 for all three, nothing done.
     before = local.state()
     with database_locked(local.db_path), monkeypatch.context() as patch:

@@ -63,7 +63,8 @@ def test_wire_format_is_two_frames():
     [b'other', b'{}'],
     [b'inv', b'not json'],
     [b'inv', b'[1]'],
-    [b'inv', b'{"node": "b", "seq": 1, "type": "explode"}'],
+    [b'inv', b'{"node": "b", "seq": 1, "type": 7}'],
+    [b'inv', b'{"node": "b", "seq": 1, "type": "sales", "paused": 1}'],
     [b'inv', b'{"node": "b", "seq": "1", "type": "heartbeat"}'],
     [b'inv', b'{"node": "b", "seq": 1, "type": "availability", '
              b'"item_id": 3, "count": "9", "version": 1}'],
@@ -72,6 +73,17 @@ def test_wire_format_is_two_frames():
 def test_malformed_messages_are_refused(frames):
     with pytest.raises(ValueError):
         decode_message(frames)
+
+
+def test_a_type_it_does_not_know_is_counted_and_ignored(replicator):
+    """A newer peer's message type: no gap in its seq, nothing applied."""
+    state = replicator.peers['b']
+    replicator.receive(state, message(1))
+    replicator._resync_wanted.clear()
+    replicator.receive(state, message(2, kind='presence', watching=3))
+    replicator.receive(state, message(3))
+    assert not resync_requested(replicator)
+    assert state.last_seq == 3
 
 
 def test_first_contact_reloads_then_in_order_messages_do_not(replicator):

@@ -252,8 +252,8 @@ def test_api_products_shape(sqlite_node):
     assert len(products) >= 8
     first = products[0]
     assert set(first) == {'id', 'sku', 'brand', 'name', 'color',
-                          'price_cents', 'image', 'released', 'release_at',
-                          'items'}
+                          'price_cents', 'image', 'released', 'state',
+                          'release_at', 'items'}
     assert (first['sku'], first['name'], first['brand'], first['color'],
             first['price_cents']) == ('SHU6000', 'Hop Man 3', 'Snks 23',
                                       'yellow/blue', 12000)
@@ -262,6 +262,7 @@ def test_api_products_shape(sqlite_node):
     levels = {i['level'] for p in products for i in p['items']}
     assert levels == {'out', 'low', 'medium', 'high'}
     assert not any(p['released'] for p in products)
+    assert {p['state'] for p in products} == {'coming_soon'}
 
 
 def test_release_is_idempotent_and_restock_adds(sqlite_node):
