@@ -758,7 +758,7 @@ def test_a_scheduled_release_happens_on_every_node_at_its_moment(cluster,
     kept, cancelled = unreleased(a)[:2]
     clients = {node.name: sse(node.url) for node in nodes}
     for client in clients.values():
-        wait_until(lambda client=client: client.named('snapshot'), 5,
+        wait_until(lambda client=client: client.raw, 5,
                    'the stream opened')
 
     at, moment, when = whole_second_ahead(2)
