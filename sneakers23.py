@@ -2467,6 +2467,8 @@ class Node:
                 'products': len(self.inventory.products),
                 'event_id': self.hub.last_event_id,
                 'hub_lag_ms': self.lag.stats(), 'loops': loops,
+                'now': datetime.now(UTC).isoformat(timespec='milliseconds')
+                .replace('+00:00', 'Z'),
                 'process': {**self.cached('process', int(time.monotonic()),
                                           process_stats),
                             'greenlets': self.cached(
@@ -2509,6 +2511,7 @@ class Node:
         """The catalogue page, rendered once per event (what it shows)."""
         return self.cached('page', self.hub.last_event_id, lambda: render(
             'index', products=self.inventory.ordered(), price=price,
+            iso=iso_moment, paused=self.inventory.paused,
             event_id=self.hub.last_event_id).encode())
 
     def products_json(self):

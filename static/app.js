@@ -13,7 +13,12 @@ const PURCHASE_WORDS = {
     'you already have one.',
   not_released: 'is not on sale yet.',
   not_found: 'is not in the store.',
+  paused: 'cannot be bought: sales are paused for a moment.',
 };
+
+// Server time minus browser time (ms): a countdown must flip at the
+// store's moment even when this computer's clock is minutes off.
+let clockOffset = 0;
 
 function card(productId) {
   return document.querySelector(`.product[data-product-id="${productId}"]`);
@@ -37,16 +42,88 @@ function showSizes(productId, html) {
   if (!product) return;
   product.querySelector('.product__sizes').innerHTML = html;
   product.dataset.released = 'true';
+  product.dataset.releaseAt = '';
+  product.classList.remove('product--scheduled');
   product.classList.add('product--just-released');
   setTimeout(() => product.classList.remove('product--just-released'), 2000);
 }
 
+function setSchedule(productId, releaseAt) {
+  const product = card(productId);
+  if (!product || product.dataset.released === 'true') return;
+  product.dataset.releaseAt = releaseAt || '';
+  tick();
+}
+
+function twoDigits(n) {
+  return String(n).padStart(2, '0');
+}
+
+function countdownText(releaseAt, now) {
+  const moment = new Date(releaseAt);
+  const local = moment.toLocaleString([], {
+    weekday: 'short', hour: '2-digit', minute: '2-digit', second: '2-digit',
+  });
+  const left = Math.ceil((moment.getTime() - now) / 1000);
+  if (left <= 0) return `Dropping now (${local})…`;
+  const [h, m, s] = [Math.floor(left / 3600), Math.floor(left / 60) % 60,
+    left % 60];
+  const clock = h ? `${h}:${twoDigits(m)}:${twoDigits(s)}` :
+    `${m}:${twoDigits(s)}`;
+  return `Drops ${local} · in ${clock}`;
+}
+
+// Every scheduled card's countdown; the sizes come with `released`.
+function tick() {
+  const now = Date.now() + clockOffset;
+  for (const product of document.querySelectorAll('.product')) {
+    const countdown = product.querySelector('.countdown');
+    if (!countdown) continue;
+    const releaseAt = product.dataset.releaseAt;
+    countdown.textContent = releaseAt ? countdownText(releaseAt, now) : '';
+    product.classList.toggle('product--scheduled', Boolean(releaseAt));
+  }
+}
+
+async function syncClock() {
+  try {
+    const sent = Date.now();
+    const response = await fetch('/healthz', {cache: 'no-store'});
+    const body = await response.json();
+    const received = Date.now();
+    clockOffset = Date.parse(body.now) + (received - sent) / 2 - received;
+    tick();
+  } catch (error) {
+    // keep the browser's own clock
+  }
+}
+
+function setPaused(paused) {
+  const banner = document.getElementById('sales');
+  const was = document.body.dataset.paused === 'true';
+  document.body.dataset.paused = paused ? 'true' : 'false';
+  if (paused) {
+    banner.textContent = 'Sales paused: nothing can be bought right now. ' +
+      'This page will say when sales resume.';
+    banner.hidden = false;
+  } else if (was) {
+    banner.textContent = 'Sales are back on.';
+    banner.hidden = false;
+    setTimeout(() => {
+      if (document.body.dataset.paused !== 'true') banner.hidden = true;
+    }, 8000);
+  }
+}
+
 function applySnapshot(snapshot) {
+  if ('paused' in snapshot) setPaused(snapshot.paused);
   for (const product of snapshot.products) {
     const el = card(product.product_id);
     if (!el) continue;
     if (product.released && el.dataset.released !== 'true') {
       showSizes(product.product_id, product.size_html);
+    } else if (!product.released) {
+      setSchedule(product.product_id, product.release_at);
     }
     for (const item of product.items) {
       const button = sizeButton(item.id);
@@ -62,6 +139,8 @@ const HANDLERS = {
     if (button) setLevel(button, data.level);
   },
   snapshot: applySnapshot,
+  scheduled: (data) => setSchedule(data.product_id, data.release_at),
+  sales: (data) => setPaused(data.paused),
 };
 
 function setConnection(state) {
@@ -148,3 +227,6 @@ document.addEventListener('click', (event) => {
 });
 
 connect();
+syncClock();
+tick();
+setInterval(tick, 250);

@@ -7,9 +7,11 @@ changes the store through the HTTP API while the page stays open.
 
 import os
 import re
+from datetime import UTC, datetime, timedelta
 
 import gevent
 import pytest
+from conftest import admin_headers
 from playwright.sync_api import expect, sync_playwright
 
 CHROMIUM = '/usr/bin/chromium'
@@ -289,3 +291,78 @@ def test_no_horizontal_scroll(sqlite_node, open_page, viewport):
     assert png[12:16] == b'IHDR'
     shot_width = int.from_bytes(png[16:20], 'big')
     assert shot_width == viewport['width'], 'the page is wider than the view'
+
+
+# ---------------------------------------------------------------------------
+# Drop day: a countdown to a scheduled release, paused sales
+# ---------------------------------------------------------------------------
+
+def schedule(node, product_id, at):
+    status, _, answer = node.post(
+        f'/admin/api/products/{product_id}/schedule', {'at': at},
+        headers=admin_headers())
+    assert status == 200, answer
+    return answer
+
+
+def set_sales(node, paused):
+    status, _, answer = node.post('/admin/api/sales', {'paused': paused},
+                                  headers=admin_headers())
+    assert status == 200, answer
+
+
+def test_countdown_on_a_wrong_clock_flips_to_sizes_at_the_moment(
+        sqlite_node, browser):
+    """The browser's clock is 3 minutes slow: the countdown still counts
+    to the store's moment, and the sizes come with `released`."""
+    node = sqlite_node
+    context = browser.new_context(viewport=LAPTOP)
+    context.add_init_script(
+        '{ const real = Date.now.bind(Date);'
+        '  Date.now = () => real() - 180000; }')
+    try:
+        page = context.new_page()
+        page.goto(node.url)
+        expect(page.locator('#connection')).to_have_attribute(
+            'data-state', 'live', timeout=LIVE)
+        page.evaluate(f'{MARK} = true')
+        moment = datetime.now(UTC) + timedelta(seconds=4)
+        at = moment.isoformat().replace('+00:00', 'Z')
+        schedule(node, 5, at)
+        countdown = card(page, 5).locator('.countdown')
+        expect(card(page, 5)).to_have_attribute('data-release-at', at,
+                                                timeout=LIVE)
+        # 3 minutes off would read "in 3:0x"; the store's clock: "0:0x"
+        expect(countdown).to_have_text(re.compile(r'in 0:0[0-5]$'),
+                                       timeout=LIVE)
+        expect_sizes(page, product_of(node, 5), timeout=LIVE + 4_000)
+        late = (datetime.now(UTC) - moment).total_seconds()
+        print(f'sizes on the page {late:.2f} s after the moment')
+        assert late < 3, late   # the contract's 1 s, with room for CI
+        expect(countdown).to_have_count(0)
+        expect_not_reloaded(page)
+    finally:
+        context.close()
+
+
+def test_sales_paused_shows_and_goes(sqlite_node, open_page):
+    node = sqlite_node
+    node.release(1)
+    page = open_page(node)
+    banner = page.locator('#sales')
+    expect(banner).to_be_hidden()
+    set_sales(node, True)
+    expect(banner).to_be_visible(timeout=LIVE)
+    expect(banner).to_contain_text('Sales paused')
+    in_stock = next(i for i in product_of(node, 1)['items']
+                    if i['count'] > 0)
+    size_button(page, in_stock['id']).click()
+    expect(card(page, 1).locator('.product__status')).to_contain_text(
+        'sales are paused', timeout=LIVE)
+    assert node.item(in_stock['id'])['count'] == in_stock['count']
+    set_sales(node, False)
+    expect(banner).to_contain_text('back on', timeout=LIVE)
+    size_button(page, in_stock['id']).click()
+    expect(card(page, 1).locator('.product__status')).to_contain_text(
+        'is yours', timeout=LIVE)
+    expect_not_reloaded(page)

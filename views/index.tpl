@@ -6,16 +6,17 @@
 <title>Sneakers23 — live drops</title>
 <link rel="stylesheet" href="/static/app.css">
 </head>
-<body data-event-id="{{event_id}}">
+<body data-event-id="{{event_id}}" data-paused="{{'true' if paused else 'false'}}">
 <header class="site-header">
   <a class="brand" href="/">Sneakers<span>23</span></a>
   <p class="tagline">Limited drops. Live stock.</p>
   <div class="connection" id="connection" data-state="connecting" role="status" aria-live="polite">Connecting…</div>
 </header>
+<p class="sales-banner" id="sales" role="status" aria-live="polite"{{!'' if paused else ' hidden'}}>{{'Sales paused: nothing can be bought right now. This page will say when sales resume.' if paused else ''}}</p>
 <main class="catalog">
   <ul class="product-grid">
   % for product in products:
-    % include('product_card', product=product, price=price)
+    % include('product_card', product=product, price=price, iso=iso)
   % end
   </ul>
 </main>
