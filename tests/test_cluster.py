@@ -808,11 +808,17 @@ def test_a_node_started_after_the_moment_releases_on_start(cluster):
                    raise_error=True)
     product_id = unreleased(a)[0]
     at, moment, when = whole_second_ahead(3)
+    phases = {'scheduled': time.monotonic()}
     schedule(a, product_id, at)
+    phases['b learns'] = time.monotonic()
     wait_until(lambda: shown(b, product_id) == ('scheduled', False, at), 3,
                'b learns the schedule')
+    phases['stopped'] = time.monotonic()
     gevent.joinall([gevent.spawn(n.stop) for n in (a, b)])
-    assert time.time() < moment, 'the nodes stopped after the moment'
+    phases['end'] = time.monotonic()
+    took = {name: f'{phases[after] - phases[name]:.2f} s' for name, after
+            in zip(phases, list(phases)[1:], strict=False)}
+    assert time.time() < moment, f'the nodes stopped after the moment: {took}'
     assert db_release(cluster.db_url, product_id) == (False, when)
 
     gevent.sleep(moment + 0.5 - time.time())
