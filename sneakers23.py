@@ -89,6 +89,10 @@ XDG_DATA_HOME = (os.environ.get('XDG_DATA_HOME')
                  or os.path.expanduser('~/.local/share'))
 DB_DIR = os.path.join(XDG_DATA_HOME, 'sneakers23') if FROZEN else DATA_DIR
 DEFAULT_DB_URL = f"sqlite:///{os.path.join(DB_DIR, 'sneakers23.db')}"
+# Where a node keeps the admin token it made (owner-only), and where the
+# command line finds it when SNEAKERS23_ADMIN_TOKEN is unset.
+TOKEN_FILE = (os.environ.get('SNEAKERS23_TOKEN_FILE')
+              or os.path.join(DB_DIR, 'admin-token'))
 DEFAULT_HOST, DEFAULT_PORT = '127.0.0.1', 8023
 DEFAULT_URL = f'http://{DEFAULT_HOST}:{DEFAULT_PORT}'
 
@@ -2234,6 +2238,62 @@ def _load_libc():
 _LIBC = _load_libc()
 
 
+def token_hash(token):
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def admin_token(config):
+    """(sha-256 of the admin token, what `serve` prints about it).
+
+    SNEAKERS23_ADMIN_TOKEN wins. Without it the store keeps one token:
+    its hash in the database (so every node checks the same one), the
+    token itself in an owner-only file (TOKEN_FILE) for the command line.
+    """
+    if config.admin_token:
+        return token_hash(config.admin_token), ''
+    stored = Setting.read('admin_token_sha256')
+    kept = _read_token_file()
+    if stored and kept and token_hash(kept) == stored:
+        return stored, f'admin token (kept in {TOKEN_FILE}): {kept}'
+    if stored:
+        return stored, ('admin token: the one this store made before; it '
+                        'is not in ' + TOKEN_FILE + ' here: set '
+                        'SNEAKERS23_ADMIN_TOKEN')
+    token = secrets.token_urlsafe(24)
+    Setting.insert(key='admin_token_sha256', value=token_hash(token)) \
+        .on_conflict_ignore().execute()
+    if Setting.read('admin_token_sha256') != token_hash(token):
+        return admin_token(config)   # another node made one at once
+    where = _write_token_file(token)
+    return token_hash(token), (f'admin token ({where}; set '
+                               f'SNEAKERS23_ADMIN_TOKEN to choose one): '
+                               f'{token}')
+
+
+def _read_token_file():
+    try:
+        with open(TOKEN_FILE) as f:
+            return f.read().strip()
+    except OSError:
+        return ''
+
+
+def _write_token_file(token):
+    """Keep the token for the next start and the command line."""
+    try:
+        os.makedirs(os.path.dirname(TOKEN_FILE) or '.', exist_ok=True)
+        fd = os.open(TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                     0o600)
+        with os.fdopen(fd, 'w') as f:
+            f.write(token + '\n')
+        os.chmod(TOKEN_FILE, 0o600)
+        return f'kept in {TOKEN_FILE}'
+    except OSError as e:
+        logger.warning('cannot keep the admin token in %s: %s', TOKEN_FILE,
+                       e.strerror)
+        return 'not kept: write it down'
+
+
 def process_stats():
     """This process's resident memory and open files (Linux)."""
     rss = fds = None
@@ -2418,6 +2478,7 @@ class Node:
         if config.replication:
             self.replicator = Replicator(config, self.inventory, self.writes)
         self.cookie_key = ''
+        self.admin_hash, self.token_note = token_hash(secrets.token_hex()), ''
         self.lag = LagProbe()
         self.limits = ClientLimits(config)
         self.answers = AnswerLog()
@@ -2490,6 +2551,7 @@ class Node:
         install_deadline_trigger()
         self.cookie_key = Setting.get_or_make(
             'cookie_key', lambda: secrets.token_hex(32))
+        self.admin_hash, self.token_note = admin_token(self.config)
 
     def _create_and_seed(self):
         if not self.config.seed_when_empty:
@@ -2886,9 +2948,8 @@ def _require_admin(node):
     node.limits.check_admin(ip)
     header = _raw_header('HTTP_AUTHORIZATION')
     scheme, _, token = header.partition(' ')
-    good = node.config.admin_token.encode()
     if scheme.lower() != 'bearer' or not hmac.compare_digest(
-            token.strip().encode(), good):
+            token_hash(token.strip()), node.admin_hash):
         node.limits.admin_failed(ip)
         logger.info('refused %s %s from %s: wrong admin token',
                     bottle.request.method, bottle.request.path, ip)
@@ -3019,7 +3080,7 @@ def build_parser():
                       help='cancel its scheduled release')
     _url_option(release)
     restock = commands.add_parser('restock', help='add stock to an item')
-    restock.add_argument('item', type=int, help='item id')
+    restock.add_argument('item', help='item id or sku (SHU6000-9)')
     restock.add_argument('count', type=int, help='pairs to add (> 0)')
     _url_option(restock)
     sell = commands.add_parser('sell-random', help='mock shoppers buying')
@@ -3136,10 +3197,6 @@ def _drop_rate(text):
 
 def serve(config):
     """Run one node until SIGINT or SIGTERM."""
-    if not config.admin_token:
-        config.admin_token = secrets.token_urlsafe(24)
-        print(f'admin token (set SNEAKERS23_ADMIN_TOKEN to choose one): '
-              f'{config.admin_token}', flush=True)
     app = create_app(config)
     server = make_server(app, config.host, config.port)
     try:
@@ -3148,6 +3205,8 @@ def serve(config):
         raise ConfigError(f'cannot use the database '
                           f'{redact(config.db_url)}: {_first_line(e)}') \
             from None
+    if app.node.token_note:
+        print(app.node.token_note, flush=True)
     stopped = gevent.event.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, stopped.set)
@@ -3240,19 +3299,29 @@ class NodeClient:
 
 
 def _admin_client(args):
+    """A client with the admin token: SNEAKERS23_ADMIN_TOKEN, else the
+    token a node on this machine made and kept (TOKEN_FILE)."""
     token = os.environ.get('SNEAKERS23_ADMIN_TOKEN', '')
+    source = 'SNEAKERS23_ADMIN_TOKEN'
     if not token:
-        raise ConfigError('set SNEAKERS23_ADMIN_TOKEN to the node\'s admin '
-                          'token')
-    return NodeClient(args.url, token)
+        token, source = _read_token_file(), TOKEN_FILE
+    if not token:
+        raise ConfigError(f'set SNEAKERS23_ADMIN_TOKEN to the node\'s admin '
+                          f'token (none kept in {TOKEN_FILE} either)')
+    client = NodeClient(args.url, token)
+    client.token_source = source
+    return client
 
 
-def _report(status, answer, success):
+def _report(status, answer, client, success):
     """Print an admin answer; the exit code for it."""
     if 200 <= status < 300:
         print(success(answer))
         return 0
-    print(f'sneakers23: {status} {answer.get("error", answer)}',
+    hint = ''
+    if status == 401:
+        hint = f' (the token came from {client.token_source})'
+    print(f'sneakers23: {status} {answer.get("error", answer)}{hint}',
           file=sys.stderr)
     return 1
 
@@ -3266,8 +3335,9 @@ def release_command(args):
     product_id = _find_product(client, args.product)
     status, answer = client.admin(
         f'/admin/api/products/{product_id}/release')
-    return _report(status, answer, lambda a: f'product {product_id} released'
-                   + ('' if a.get('changed') else ' (it already was)'))
+    return _report(status, answer, client, lambda a: (
+        f'product {product_id} released'
+        + ('' if a.get('changed') else ' (it already was)')))
 
 
 def schedule_command(args):
@@ -3277,7 +3347,7 @@ def schedule_command(args):
     product_id = _find_product(client, args.product)
     status, answer = client.admin(
         f'/admin/api/products/{product_id}/schedule', {'at': at})
-    return _report(status, answer, lambda a: (
+    return _report(status, answer, client, lambda a: (
         f"product {product_id} will be released at {a['release_at']}"
         if a['scheduled'] else f'product {product_id} is not scheduled'))
 
@@ -3303,8 +3373,9 @@ def sales_command(args):
     client = _admin_client(args)
     status, answer = client.admin('/admin/api/sales',
                                   {'paused': args.command == 'pause'})
-    return _report(status, answer, lambda a: 'sales paused on every node'
-                   if a['paused'] else 'sales resumed on every node')
+    return _report(status, answer, client, lambda a: (
+        'sales paused on every node' if a['paused']
+        else 'sales resumed on every node'))
 
 
 def _find_product(client, ref):
@@ -3319,14 +3390,28 @@ def _find_product(client, ref):
 
 
 def restock_command(args):
-    """`restock ITEM COUNT` through the admin API."""
+    """`restock ITEM COUNT` (ITEM: an id or an item sku, SHU6000-9)
+    through the admin API."""
     if args.count <= 0:
         raise ConfigError('COUNT must be greater than 0')
     client = _admin_client(args)
-    status, answer = client.admin(f'/admin/api/items/{args.item}/restock',
+    item_id = _find_item(client, args.item)
+    status, answer = client.admin(f'/admin/api/items/{item_id}/restock',
                                   {'count': args.count})
-    return _report(status, answer, lambda a: f"item {a['item_id']} now has "
-                   f"{a['count']} pairs ({a['level']})")
+    return _report(status, answer, client, lambda a: (
+        f"item {a['item_id']} now has {a['count']} pairs ({a['level']})"))
+
+
+def _find_item(client, ref):
+    """An item id from an id or an item sku."""
+    if ref.isascii() and ref.isdigit():
+        return int(ref)
+    status, products = client.request('GET', '/api/products')
+    for product in products if status == 200 else []:
+        for item in product['items']:
+            if item['sku'].lower() == ref.lower():
+                return item['id']
+    raise Refused(f'no item with id or sku {ref!r}')
 
 
 class RandomSeller:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from collections import namedtuple
@@ -24,6 +25,10 @@ sys.path.insert(0, ROOT)
 import sneakers23
 
 TOKEN = 'test-admin-token'
+# A node without SNEAKERS23_ADMIN_TOKEN keeps the token it makes in this
+# file, and the command line reads it from there: never the checkout's.
+os.environ['SNEAKERS23_TOKEN_FILE'] = os.path.join(
+    tempfile.mkdtemp(prefix='sneakers23-tests-'), 'admin-token')
 PG_URL = os.environ.get('TEST_DATABASE_URL', '')
 REQUIRE_PG = os.environ.get('SNEAKERS23_REQUIRE_POSTGRES') == '1'
 

@@ -171,7 +171,7 @@ def test_admin_commands_need_the_token(sqlite_node):
 
 
 @pytest.mark.parametrize('args, says', [
-    (['restock', 'abc', '5'], 'invalid int value'),
+    (['restock', '3', 'five'], 'invalid int value'),
     (['restock', '3', '0'], 'COUNT must be greater than 0'),
     (['serve', '--port', 'eighty'], 'invalid int value'),
     (['serve', '--port', '70000'], 'between 1 and 65535'),
@@ -242,6 +242,63 @@ def test_serve_prints_its_line_and_a_token_when_none_is_set(tmp_path):
     assert serving_line == (f'sneakers23 node a serving on '
                             f'http://127.0.0.1:{port}\n')
     assert proc.returncode == 0
+
+
+def start_without_token(db, port):
+    """`serve` with no SNEAKERS23_ADMIN_TOKEN: (process, its token line)."""
+    env = {**os.environ, 'SNEAKERS23_ADMIN_TOKEN': ''}
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, '--db', db, '--port', str(port)], env=env,
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    token_line = proc.stdout.readline()
+    assert proc.stdout.readline().startswith('sneakers23 node a serving')
+    return proc, token_line
+
+
+def test_the_token_a_node_made_lasts_across_restarts(tmp_path):
+    """Without SNEAKERS23_ADMIN_TOKEN a node makes a token once, keeps it
+    owner-only, uses it again after a restart, and the command line finds
+    it; a wrong token's 401 says where the token came from."""
+    db, port = f'sqlite:///{tmp_path}/s.db', free_port()
+    url = f'http://127.0.0.1:{port}'
+    token_file = os.environ['SNEAKERS23_TOKEN_FILE']
+    tokens = []
+    for _ in range(2):
+        proc, line = start_without_token(db, port)
+        try:
+            tokens.append(line.rsplit(': ', 1)[-1].strip())
+            assert token_file in line
+            released = run('release', '1', '--url', url,
+                           env={'SNEAKERS23_ADMIN_TOKEN': ''})
+            assert released.returncode == 0, released.stderr
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    assert tokens[0] == tokens[1] and len(tokens[0]) >= 24
+    assert os.stat(token_file).st_mode & 0o777 == 0o600
+    with open(token_file) as f:
+        assert f.read().strip() == tokens[0]
+    proc, _ = start_without_token(db, port)
+    try:
+        wrong = run('release', '2', '--url', url,
+                    env={'SNEAKERS23_ADMIN_TOKEN': 'wrong'})
+        assert wrong.returncode == 1
+        assert '401 unauthorized' in wrong.stderr
+        assert 'SNEAKERS23_ADMIN_TOKEN' in wrong.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_restock_by_item_sku(sqlite_node):
+    item = sqlite_node.products()[0]['items'][3]
+    done = run('restock', item['sku'].lower(), '7', '--url',
+               sqlite_node.url)
+    assert done.returncode == 0, done.stderr
+    assert sqlite_node.item(item['id'])['count'] == item['count'] + 7
+    nope = run('restock', 'SHU0000-9', '7', '--url', sqlite_node.url)
+    assert nope.returncode == 1
+    assert nope.stderr.count('\n') == 1 and 'SHU0000-9' in nope.stderr
 
 
 # ---------------------------------------------------------------------------
