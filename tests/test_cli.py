@@ -4,6 +4,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+from datetime import datetime
 
 import pytest
 from conftest import ROOT, TOKEN, admin_headers, db_rows, free_port, wait_until
@@ -297,3 +299,75 @@ def test_restock_by_item_sku(sqlite_node):
     nope = run('restock', 'SHU0000-9', '7', '--url', sqlite_node.url)
     assert nope.returncode == 1
     assert nope.stderr.count('\n') == 1 and 'SHU0000-9' in nope.stderr
+
+
+# ---------------------------------------------------------------------------
+# Drop day: release --at / --cancel, pause, resume (issue 10)
+# ---------------------------------------------------------------------------
+
+MOMENT = re.compile(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)')
+
+
+def state_of(node, product_id):
+    product = next(p for p in node.products() if p['id'] == product_id)
+    return product['state'], product['release_at']
+
+
+def as_epoch(text):
+    return datetime.fromisoformat(text.replace('Z', '+00:00')).timestamp()
+
+
+def test_release_at_schedules_and_the_product_turns_released(sqlite_node):
+    node = sqlite_node
+    began = time.time()
+    done = run('release', 'shu6100', '--at', '+3s', '--url', node.url,
+               timeout=30)
+    assert done.returncode == 0, done.stderr
+    printed = MOMENT.search(done.stdout)
+    assert printed, done.stdout
+    moment = as_epoch(printed[0])
+    assert began + 2 <= moment <= time.time() + 4   # about 3 s ahead
+    state, release_at = state_of(node, 2)
+    assert state == 'scheduled' and as_epoch(release_at) == moment
+
+    wait_until(lambda: state_of(node, 2)[0] == 'released', moment
+               - time.time() + 3, 'product 2 released')
+    assert time.time() >= moment
+    assert as_epoch(state_of(node, 2)[1]) == moment
+
+
+def test_release_cancel_unschedules(sqlite_node):
+    node = sqlite_node
+    done = run('release', '1', '--at', '+2h', '--url', node.url,
+               timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert state_of(node, 1)[0] == 'scheduled'
+    done = run('release', '1', '--cancel', '--url', node.url, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert state_of(node, 1) == ('coming_soon', None)
+
+
+def test_release_at_a_bad_moment_is_refused(sqlite_node):
+    """A bad argument: exit 2; a moment the node refuses: exit 1; one
+    line on stderr either way, nothing scheduled."""
+    for when, code in [('yesterday', 2), ('2026-12-01T18:00:00', 2),
+                       ('+5 minutes', 2), ('2020-01-01T00:00:00Z', 1)]:
+        done = run('release', '1', '--at', when, '--url', sqlite_node.url,
+                   timeout=30)
+        assert done.returncode == code, (when, done.stdout, done.stderr)
+        assert done.stderr.count('\n') == 1, (when, done.stderr)
+        assert done.stderr.startswith('sneakers23: '), done.stderr
+        assert 'Traceback' not in done.stderr
+        if code == 1:
+            assert 'past' in done.stderr, done.stderr
+    assert state_of(sqlite_node, 1) == ('coming_soon', None)
+
+
+def test_pause_and_resume_commands(sqlite_node):
+    node = sqlite_node
+    done = run('pause', '--url', node.url, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert node.get('/healthz')[2]['paused'] is True
+    done = run('resume', '--url', node.url, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert node.get('/healthz')[2]['paused'] is False

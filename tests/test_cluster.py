@@ -10,6 +10,7 @@ Timings are printed as `[timing] ...` lines (run pytest with -s).
 
 import http.client
 import json
+import math
 import os
 import random
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import UTC, datetime
 
 import gevent
 import gevent.event
@@ -26,6 +28,7 @@ from conftest import (
     ROOT,
     TOKEN,
     NodeProcess,
+    admin_headers,
     call,
     db_rows,
     free_port,
@@ -690,3 +693,197 @@ def test_a_node_recovers_its_peer_after_a_rogue_held_its_address(
                'a shows b connected')
     assert peer_state(a, 'b')['redials'] >= 1
     assert any('re-dialling b' in line for line in a.output), a.output
+
+
+# ---------------------------------------------------------------------------
+# Drop day: scheduled releases and the kill switch (issue 10)
+# ---------------------------------------------------------------------------
+
+LATE_BY = 1.5       # generous: the spec says shoppers hear within 250 ms
+PAUSE_WITHIN = 3.0  # generous: the spec says every node within a second
+
+
+def whole_second_ahead(seconds):
+    """(ISO UTC text with Z, epoch seconds, naive UTC datetime): a whole
+    second at least `seconds` from now."""
+    moment = math.ceil(time.time() + seconds)
+    when = datetime.fromtimestamp(moment, UTC).replace(tzinfo=None)
+    return when.strftime('%Y-%m-%dT%H:%M:%SZ'), moment, when
+
+
+def schedule(node, product_id, at):
+    status, _, answer = node.post(
+        f'/admin/api/products/{product_id}/schedule', {'at': at},
+        headers=admin_headers())
+    assert status == 200, answer
+    return answer
+
+
+def set_paused(node, paused):
+    status, _, answer = node.post('/admin/api/sales', {'paused': paused},
+                                  headers=admin_headers())
+    assert (status, answer) == (200, {'paused': paused})
+
+
+def as_utc(value):
+    """A release_at as the database holds it, as naive UTC datetime."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.rstrip('Z'))
+    if value is not None and value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def db_release(db_url, product_id):
+    """(released, release_at) of a product as the database holds it."""
+    [(released, release_at)] = db_rows(
+        db_url, 'SELECT released, release_at FROM product WHERE id = ?',
+        (product_id,))
+    return bool(released), as_utc(release_at)
+
+
+def shown(node, product_id):
+    """(state, released, release_at) of a product as a node serves it."""
+    product = next(p for p in node.products() if p['id'] == product_id)
+    return product['state'], product['released'], product['release_at']
+
+
+def test_a_scheduled_release_happens_on_every_node_at_its_moment(cluster,
+                                                                 sse):
+    """Scheduled through a, released by every node at the moment; a
+    schedule cancelled through c releases nothing anywhere."""
+    cluster.start()
+    a, c = cluster.nodes['a'], cluster.nodes['c']
+    nodes = [cluster.nodes[name] for name in NAMES]
+    kept, cancelled = unreleased(a)[:2]
+    clients = {node.name: sse(node.url) for node in nodes}
+    for client in clients.values():
+        wait_until(lambda client=client: client.raw, 5,
+                   'the stream opened')
+
+    at, moment, when = whole_second_ahead(2)
+    assert schedule(a, kept, at) == {'product_id': kept, 'release_at': at,
+                                     'scheduled': True}
+    schedule(a, cancelled, at)
+    assert schedule(c, cancelled, None)['scheduled'] is False
+    for client in clients.values():
+        client.wait_for('scheduled', where=lambda d: d == {
+            'product_id': kept, 'release_at': at})
+        client.wait_for('scheduled', where=lambda d: d == {
+            'product_id': cancelled, 'release_at': None})
+    assert time.time() < moment, 'the schedule took past its moment'
+
+    lateness = {}
+
+    def hear(name, client):
+        client.wait_for('released', timeout=moment - time.time() + 5,
+                        where=lambda d: d['product_id'] == kept)
+        lateness[name] = time.time() - moment
+    gevent.joinall([gevent.spawn(hear, name, client)
+                    for name, client in clients.items()], raise_error=True)
+    print(f'\n[timing] {cluster.db_url[:6]} scheduled release heard after '
+          'its moment: ' + ', '.join(f'{name} {late * 1000:.0f} ms'
+                                     for name, late in lateness.items()),
+          flush=True)
+    assert all(late < LATE_BY for late in lateness.values()), lateness
+
+    gevent.sleep(max(0.0, moment + 1.0 - time.time()))
+    assert db_release(cluster.db_url, kept) == (True, when)
+    assert db_release(cluster.db_url, cancelled) == (False, None)
+    for node in nodes:
+        assert shown(node, kept) == ('released', True, at), node.name
+        assert shown(node, cancelled) == ('coming_soon', False, None)
+    for name, client in clients.items():
+        released = [e['data']['product_id']
+                    for e in client.named('released')]
+        assert released == [kept], (name, released)   # once, only it
+    wait_equal(nodes, cluster.db_url)
+
+
+def test_a_node_started_after_the_moment_releases_on_start(cluster):
+    """Every node of the store is down at the moment: the first to start
+    afterwards releases the product, at the scheduled moment."""
+    a, b = (cluster.process(name) for name in 'ab')
+    gevent.joinall([gevent.spawn(n.start) for n in (a, b)],
+                   raise_error=True)
+    product_id = unreleased(a)[0]
+    at, moment, when = whole_second_ahead(3)
+    phases = {'scheduled': time.monotonic()}
+    schedule(a, product_id, at)
+    phases['b learns'] = time.monotonic()
+    wait_until(lambda: shown(b, product_id) == ('scheduled', False, at), 3,
+               'b learns the schedule')
+    phases['stopped'] = time.monotonic()
+    gevent.joinall([gevent.spawn(n.stop) for n in (a, b)])
+    killed = [n.name for n in (a, b) if n.proc.returncode != 0]
+    assert not killed, f'SIGTERM did not stop {killed} within 10 s'
+    phases['end'] = time.monotonic()
+    took = {name: f'{phases[after] - phases[name]:.2f} s' for name, after
+            in zip(phases, list(phases)[1:], strict=False)}
+    assert time.time() < moment, f'stopped after the moment: {took}'
+    assert db_release(cluster.db_url, product_id) == (False, when)
+
+    gevent.sleep(moment + 0.5 - time.time())
+    b.start()
+    wait_until(lambda: shown(b, product_id) == ('released', True, at), 1,
+               'b shows the product released once it serves')
+    assert db_release(cluster.db_url, product_id) == (True, when)
+    item = next(i for i in items_of(b, product_id) if i['count'] > 0)
+    status, _, answer = buy(b, item['id'])
+    assert status == 201, answer
+
+
+def test_pause_through_b_stops_sales_everywhere_until_resumed(cluster):
+    cluster.start()
+    a, b, c = (cluster.nodes[name] for name in NAMES)
+    nodes = [a, b, c]
+    product_id = unreleased(a)[0]
+    release_and_converge(a, cluster, product_id)
+    item = max(items_of(a, product_id), key=lambda i: i['count'])
+    a.restock(item['id'], 1000)
+    sold = []
+
+    def purchase(node):
+        status, headers, answer = buy(node, item['id'])
+        if status == 201:
+            sold.append(answer['order_id'])
+        return status, headers, answer
+
+    set_paused(b, True)
+    paused = time.monotonic()
+    refused = {}
+
+    def refuses(node):
+        status, headers, answer = purchase(node)
+        if status != 503:
+            assert status == 201, answer
+            return False
+        assert answer == {'error': 'paused'}
+        assert int(headers['retry-after']) >= 1
+        refused.setdefault(node.name, time.monotonic() - paused)
+        return True
+    for node in nodes:
+        wait_until(lambda node=node: refuses(node), PAUSE_WITHIN,
+                   f'{node.name} refuses purchases')
+    print(f'\n[timing] {cluster.db_url[:6]} pause through b refused on: '
+          + ', '.join(f'{n} {s * 1000:.0f} ms' for n, s in refused.items()),
+          flush=True)
+    assert all(health(node)['paused'] is True for node in nodes)
+    before = len(db_rows(cluster.db_url, 'SELECT id FROM orders'))
+
+    c.restart()
+    assert health(c)['paused'] is True
+    status, _, answer = purchase(c)
+    assert (status, answer) == (503, {'error': 'paused'})
+    assert [purchase(node)[0] for node in (a, b)] == [503, 503]
+    assert len(db_rows(cluster.db_url, 'SELECT id FROM orders')) == before
+
+    set_paused(a, False)
+    for node in nodes:
+        wait_until(lambda node=node: purchase(node)[0] == 201, PAUSE_WITHIN,
+                   f'{node.name} sells again')
+        assert health(node)['paused'] is False
+    orders = {row[0] for row in db_rows(cluster.db_url,
+                                        'SELECT id FROM orders')}
+    assert orders == set(sold)      # a 201 for each order, none for a 503
+    wait_equal(nodes, cluster.db_url)

@@ -9,6 +9,7 @@ import socket
 import time
 import urllib.parse
 from collections import Counter
+from datetime import UTC, datetime
 
 import gevent
 import pytest
@@ -882,3 +883,190 @@ def test_metrics_count_the_purchases_the_database_holds(app_server):
     assert samples['sneakers23_batch_size_count'].value >= 1
     assert samples['sneakers23_paused'].value == 0
     assert call(server.url, 'GET', '/metrics')[0] == 401
+
+# Drop day: scheduled releases and the kill switch (issue 10)
+# ---------------------------------------------------------------------------
+
+FAR = '2030-12-01T19:00:00+01:00'       # a moment well ahead, not in UTC
+FAR_UTC = '2030-12-01T18:00:00Z'
+
+
+def schedule(url, product_id, at, token=TOKEN):
+    return call(url, 'POST', f'/admin/api/products/{product_id}/schedule',
+                {'at': at}, headers=admin_headers(token))
+
+
+def set_paused(url, paused):
+    return call(url, 'POST', '/admin/api/sales', {'paused': paused},
+                headers=admin_headers())
+
+
+def whole_second_ahead(seconds):
+    """(ISO UTC text with Z, epoch seconds): a whole second at least
+    `seconds` from now."""
+    moment = math.ceil(time.time() + seconds)
+    text = datetime.fromtimestamp(moment, UTC).strftime(
+        '%Y-%m-%dT%H:%M:%SZ')
+    return text, moment
+
+
+def as_utc(value):
+    """A release_at as the database holds it, as naive UTC datetime."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.rstrip('Z'))
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def product_of(url, product_id):
+    return next(p for p in call(url, 'GET', '/api/products')[2]
+                if p['id'] == product_id)
+
+
+def in_stock(url, product_id):
+    return next(i for i in product_of(url, product_id)['items']
+                if i['count'] > 0)
+
+
+def reconnect_snapshot(sse, url):
+    """The snapshot a browser gets when it comes back with an event id
+    this node cannot resume from (say, from before a restart)."""
+    client = sse(url, headers={'Last-Event-ID': 'gone-1'})
+    [event] = client.wait_for('snapshot')
+    return event
+
+
+def test_schedule_answers_and_its_refusals(app_server):
+    server = app_server()
+    url, db_url = server.url, server.node.config.db_url
+    item = in_stock(url, 2)
+
+    assert schedule(url, 2, FAR)[::2] == (200, {
+        'product_id': 2, 'release_at': FAR_UTC, 'scheduled': True})
+    product = product_of(url, 2)
+    assert (product['state'], product['released'], product['release_at']) \
+        == ('scheduled', False, FAR_UTC)
+    assert call(url, 'POST', '/api/purchase', {'item_id': item['id']})[
+        ::2] == (403, {'error': 'not_released'})
+    [(released, release_at)] = db_rows(
+        db_url, 'SELECT released, release_at FROM product WHERE id = ?',
+        (2,))
+    assert not released and as_utc(release_at) == datetime(2030, 12, 1, 18)
+
+    assert schedule(url, 2, None)[::2] == (200, {
+        'product_id': 2, 'release_at': None, 'scheduled': False})
+    product = product_of(url, 2)
+    assert (product['state'], product['release_at']) == ('coming_soon',
+                                                         None)
+    assert db_rows(db_url, 'SELECT release_at FROM product WHERE id = ?',
+                   (2,)) == [(None,)]
+
+    call(url, 'POST', '/admin/api/products/1/release', {},
+         headers=admin_headers())
+    assert product_of(url, 1)['state'] == 'released'
+    before = store_state(url, db_url)
+    refusals = {
+        'released already': (schedule(url, 1, FAR), 409,
+                             'already_released'),
+        'in the past': (schedule(url, 2, '2020-01-01T00:00:00Z'), 409,
+                        'in_the_past'),
+        'no zone': (schedule(url, 2, '2030-12-01T18:00:00'), 400, None),
+        'a number': (schedule(url, 2, 1922378400), 400, None),
+        'garbage': (schedule(url, 2, 'next friday'), 400, None),
+        'unknown product': (schedule(url, 9999, FAR), 404, None),
+        'no token': (call(url, 'POST', '/admin/api/products/2/schedule',
+                          {'at': FAR}), 401, 'unauthorized'),
+    }
+    problems = {name: json_error(answer, status, error)
+                for name, (answer, status, error) in refusals.items()}
+    assert not any(problems.values()), report(problems)
+    assert store_state(url, db_url) == before
+    assert product_of(url, 2)['state'] == 'coming_soon'
+
+
+def test_a_scheduled_product_is_released_at_its_moment(app_server, sse):
+    server = app_server()
+    url, db_url = server.url, server.node.config.db_url
+    first = reconnect_snapshot(sse, url)
+    client = sse(url)
+    wait_until(lambda: client.raw, 5, 'the stream opened')
+    assert first['data']['paused'] is False
+    assert {p['release_at'] for p in first['data']['products']} == {None}
+
+    at, moment = whole_second_ahead(1.5)
+    assert schedule(url, 2, at)[::2] == (200, {
+        'product_id': 2, 'release_at': at, 'scheduled': True})
+    assert schedule(url, 3, FAR)[0] == 200
+    assert schedule(url, 3, None)[0] == 200
+    client.wait_for('scheduled', count=3)
+    assert [e['data'] for e in client.named('scheduled')] == [
+        {'product_id': 2, 'release_at': at},
+        {'product_id': 3, 'release_at': FAR_UTC},
+        {'product_id': 3, 'release_at': None}]
+    entries = {p['product_id']: p for p in
+               reconnect_snapshot(sse, url)['data']['products']}
+    assert entries[2]['release_at'] == at
+    assert entries[3]['release_at'] is None and not entries[2]['released']
+
+    [event] = client.wait_for('released', timeout=5,
+                              where=lambda d: d['product_id'] == 2)
+    lateness = time.time() - moment
+    print(f'\n[timing] scheduled release seen {lateness * 1000:.0f} ms '
+          'after its moment', flush=True)
+    assert lateness < 1.0
+    product = product_of(url, 2)
+    assert (product['state'], product['released'], product['release_at']) \
+        == ('released', True, at)
+    status, _, answer = call(url, 'POST', '/api/purchase',
+                             {'item_id': in_stock(url, 2)['id']})
+    assert status == 201, answer
+    [(released, release_at)] = db_rows(
+        db_url, 'SELECT released, release_at FROM product WHERE id = ?',
+        (2,))
+    assert released and as_utc(release_at) == datetime.fromtimestamp(
+        moment, UTC).replace(tzinfo=None)
+    assert not product_of(url, 3)['released']
+
+
+def test_pause_refuses_purchases_and_resume_sells_again(app_server, db_url,
+                                                        sse):
+    server = released_store(app_server, db_url)
+    url = server.url
+    item = in_stock(url, 1)
+    client = sse(url)
+    assert call(url, 'GET', '/healthz')[2]['paused'] is False
+
+    assert set_paused(url, True)[::2] == (200, {'paused': True})
+    status, headers, body = call(url, 'POST', '/api/purchase',
+                                 {'item_id': item['id']})
+    assert (status, body) == (503, {'error': 'paused'})
+    assert int(headers['retry-after']) >= 1
+    assert call(url, 'GET', '/healthz')[2]['paused'] is True
+    assert db_rows(db_url, 'SELECT COUNT(*) FROM orders') == [(0,)]
+    assert in_stock(url, 1) == item
+    client.wait_for('sales', where=lambda d: d == {'paused': True})
+    assert reconnect_snapshot(sse, url)['data']['paused'] is True
+
+    refusals = {
+        'a string': (set_paused(url, 'yes'), 400, None),
+        'null': (set_paused(url, None), 400, None),
+        'no key': (call(url, 'POST', '/admin/api/sales', {},
+                        headers=admin_headers()), 400, None),
+        'no token': (call(url, 'POST', '/admin/api/sales',
+                          {'paused': False}), 401, 'unauthorized'),
+    }
+    problems = {name: json_error(answer, status, error)
+                for name, (answer, status, error) in refusals.items()}
+    assert not any(problems.values()), report(problems)
+    assert call(url, 'GET', '/healthz')[2]['paused'] is True
+
+    assert set_paused(url, False)[::2] == (200, {'paused': False})
+    status, _, answer = call(url, 'POST', '/api/purchase',
+                             {'item_id': item['id']})
+    assert status == 201, answer
+    assert call(url, 'GET', '/healthz')[2]['paused'] is False
+    client.wait_for('sales', where=lambda d: d == {'paused': False})
+    assert [e['data'] for e in client.named('sales')] == [
+        {'paused': True}, {'paused': False}]
+    assert db_rows(db_url, 'SELECT COUNT(*) FROM orders') == [(1,)]
