@@ -884,6 +884,8 @@ def test_metrics_count_the_purchases_the_database_holds(app_server):
     assert samples['sneakers23_paused'].value == 0
     assert call(server.url, 'GET', '/metrics')[0] == 401
 
+
+# ---------------------------------------------------------------------------
 # Drop day: scheduled releases and the kill switch (issue 10)
 # ---------------------------------------------------------------------------
 
