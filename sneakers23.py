@@ -462,7 +462,10 @@ PG_DEADLINE_SQL = (
       END IF;
       RETURN NULL;
     END $$ LANGUAGE plpgsql""",
-    "DROP TRIGGER IF EXISTS availability_deadline ON availability",
+    )
+# Created once: a trigger made again at every start would lock the hot
+# table (ACCESS EXCLUSIVE) while a drop is selling.
+PG_DEADLINE_TRIGGER = (
     """CREATE CONSTRAINT TRIGGER availability_deadline
     AFTER UPDATE ON availability DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION sneakers23_deadline()""")
@@ -475,6 +478,11 @@ def install_deadline_trigger():
     with db.atomic():
         for sql in PG_DEADLINE_SQL:
             db.execute_sql(sql)
+        exists = db.execute_sql(
+            "SELECT 1 FROM pg_trigger WHERE tgname = 'availability_deadline'"
+            " AND tgrelid = 'availability'::regclass").fetchone()
+        if not exists:
+            db.execute_sql(PG_DEADLINE_TRIGGER)
 
 
 def set_commit_deadline(deadline):
@@ -2573,9 +2581,16 @@ class Node:
             loop.start()
 
     def stop(self):
-        for loop in (self.scheduler, self.housekeeping, self.answers,
-                     self.lag):
+        """Stop every loop and wait for them (a loop caught inside a
+        database call must let go of its connection first: psycopg2
+        deadlocks closing a connection another greenlet is using), then
+        close streams, sockets and the database."""
+        loops = [loop for name, loop in self.loops().items()
+                 if name != 'sqlite-writer']   # it closes SQLite last
+        for loop in loops:
             loop.stop()
+        gevent.joinall([loop.greenlet for loop in loops if loop.greenlet],
+                       timeout=2)
         if self.replicator:
             self.replicator.stop()
         self.hub.stop()

@@ -7,6 +7,7 @@ monkey.patch_all()
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,10 +35,17 @@ REQUIRE_PG = os.environ.get('SNEAKERS23_REQUIRE_POSTGRES') == '1'
 
 
 def free_port():
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    """A TCP port nobody uses right now, below the kernel's ephemeral
+    range: a port the kernel picked (bind to 0) may go to a client
+    connection before the node binds it ("Address already in use")."""
+    while True:
+        port = random.randrange(10_000, 32_000)
+        with socket.socket() as s:
+            try:
+                s.bind(('127.0.0.1', port))
+            except OSError:
+                continue
+            return port
 
 
 def reset_postgres(url):
