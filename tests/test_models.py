@@ -232,3 +232,17 @@ def test_a_database_error_while_preparing_stops_the_start(tmp_path,
             node.start()
     finally:
         node.stop()
+
+
+def test_the_deadline_trigger_is_made_once(pg_database):
+    """A node starting mid-drop must not lock the hot table: the trigger
+    is created only when it is missing, so its oid stays the same."""
+    def trigger_oid():
+        return db.execute_sql(
+            "SELECT oid FROM pg_trigger WHERE tgname = "
+            "'availability_deadline'").fetchall()
+
+    sneakers23.install_deadline_trigger()
+    first = trigger_oid()
+    sneakers23.install_deadline_trigger()
+    assert len(first) == 1 and trigger_oid() == first
