@@ -1072,3 +1072,75 @@ def test_pause_refuses_purchases_and_resume_sells_again(app_server, db_url,
     assert [e['data'] for e in client.named('sales')] == [
         {'paused': True}, {'paused': False}]
     assert db_rows(db_url, 'SELECT COUNT(*) FROM orders') == [(1,)]
+
+
+# ---------------------------------------------------------------------------
+# Drop day: the operator's overview (issue 10)
+# ---------------------------------------------------------------------------
+
+def overview(url, token=TOKEN):
+    return call(url, 'GET', '/admin/api/overview',
+                headers=admin_headers(token))
+
+
+def test_overview_shows_sales_stock_and_who_watches(app_server, sse):
+    """Three pairs of product 1 sold; one stream on product 1, one on
+    every product: the overview shows both, per product and per node."""
+    server = released_store(app_server)
+    url, db_url = server.url, server.node.config.db_url
+    shown = call(url, 'GET', '/api/products')[2]
+    item = max(shown[0]['items'], key=lambda i: i['count'])
+    assert item['count'] >= 3
+    for _ in range(3):      # three new shoppers
+        status, _, answer = call(url, 'POST', '/api/purchase',
+                                 {'item_id': item['id']})
+        assert status == 201, answer
+
+    status, headers, body = overview(url)
+    assert status == 200, body
+    assert headers['content-type'] == 'application/json'
+    assert body['paused'] is False
+    assert [p['id'] for p in body['products']] == [p['id'] for p in shown]
+    left = {p['id']: sum(i['count'] for i in p['items']) for p in shown}
+    sold = dict(db_rows(db_url, 'SELECT product_id, COUNT(*) FROM orders '
+                                'GROUP BY product_id'))
+    assert sold == {1: 3}
+    for product, was in zip(body['products'], shown, strict=True):
+        pid = product['id']
+        assert product['sku'] == was['sku']
+        assert product['state'] == ('released' if pid == 1
+                                    else 'coming_soon'), product
+        assert product['release_at'] is None
+        assert product['sold'] == sold.get(pid, 0), product
+        assert product['left'] == left[pid] - sold.get(pid, 0), product
+        assert isinstance(product['sales_per_s'], int | float)
+        if pid != 1:
+            assert product['sales_per_s'] == 0, product
+    first = body['products'][0]
+    assert first['sales_per_s'] == pytest.approx(0.3), first
+    assert set(body['nodes']) == {'t'}
+    node = body['nodes']['t']
+    assert {'streams', 'watching', 'hub_lag_ms', 'peers', 'db'} <= set(node)
+    assert node['streams'] == 0
+    assert not any(node['watching'].values()), node
+
+    one = sse(url, '/events?products=1')
+    every = sse(url)
+    for client in (one, every):
+        wait_until(lambda client=client: client.raw, 5, 'the stream opened')
+    wanted = {str(p['id']): 1 for p in shown} | {'1': 2}
+
+    def watched():
+        node = overview(url)[2]['nodes']['t']
+        return node if node['streams'] == 2 else None
+    node = wait_until(watched, 5, 'the overview counts both streams')
+    assert {k: v for k, v in node['watching'].items() if v} == wanted
+    assert node['watching']['2'] == 1
+
+    problems = {
+        'no token': json_error(call(url, 'GET', '/admin/api/overview'),
+                               401, 'unauthorized'),
+        'wrong token': json_error(overview(url, 'wrong'), 401,
+                                  'unauthorized'),
+    }
+    assert not any(problems.values()), report(problems)
