@@ -887,3 +887,72 @@ def test_pause_through_b_stops_sales_everywhere_until_resumed(cluster):
                                         'SELECT id FROM orders')}
     assert orders == set(sold)      # a 201 for each order, none for a 503
     wait_equal(nodes, cluster.db_url)
+
+
+# ---------------------------------------------------------------------------
+# Drop day: the overview covers every live node (issue 10)
+# ---------------------------------------------------------------------------
+
+SEEN_WITHIN = 10.0      # generous: heartbeats carry the figures each second
+GONE_WITHIN = 10.0      # generous: the spec says a dead node leaves in ~5 s
+
+
+@pytest.fixture
+def sqlite_cluster(tmp_path, sqlite_url):
+    """A seeded SQLite database and its peers.toml; nodes start in the
+    test."""
+    seed_database(sqlite_url)
+    group = Cluster(tmp_path, sqlite_url)
+    yield group
+    group.close()
+
+
+def overview_nodes(node):
+    status, _, answer = node.get('/admin/api/overview',
+                                 headers=admin_headers())
+    assert status == 200, answer
+    return answer['nodes']
+
+
+def watching(figures):
+    return {pid: n for pid, n in figures['watching'].items() if n}
+
+
+def test_the_overview_shows_every_live_node_and_its_shoppers(
+        sqlite_cluster, sse):
+    """Shoppers watch on b (product 2) and c (everything): a's overview
+    shows them per node; c killed, it leaves a's and b's overviews."""
+    cluster = sqlite_cluster
+    cluster.start()
+    a, b, c = (cluster.nodes[name] for name in NAMES)
+    every = {str(p['id']): 1 for p in a.products()}
+    clients = [sse(b.url, '/events?products=2'), sse(c.url)]
+    for client in clients:
+        wait_until(lambda client=client: client.raw, 5, 'the stream opened')
+
+    def seen():
+        nodes = overview_nodes(a)
+        if set(nodes) != set(NAMES) or nodes['b']['streams'] != 1 or (
+                nodes['c']['streams'] != 1):
+            return None
+        return nodes
+    began = time.monotonic()
+    nodes = wait_until(seen, SEEN_WITHIN, "a's overview shows the shoppers "
+                       'of b and c', interval=0.1)
+    timing("shoppers of b and c in a's overview", time.monotonic() - began)
+    assert watching(nodes['b']) == {'2': 1}
+    assert watching(nodes['c']) == every
+    assert nodes['a']['streams'] == 0 and not watching(nodes['a'])
+    for figures in nodes.values():
+        assert {'streams', 'watching', 'hub_lag_ms', 'peers', 'db'} <= set(
+            figures), figures
+
+    c.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    for node in (a, b):
+        wait_until(lambda node=node: set(overview_nodes(node)) == {'a', 'b'},
+                   GONE_WITHIN, f"c leaves {node.name}'s overview",
+                   interval=0.1)
+    timing("c killed: gone from a's and b's overviews",
+           time.monotonic() - killed)
+    assert watching(overview_nodes(a)['b']) == {'2': 1}
