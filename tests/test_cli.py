@@ -207,7 +207,7 @@ def test_bad_arguments_give_one_line_and_exit_2(args, says, tmp_path):
 
 
 @pytest.mark.parametrize('command', ['serve', 'seed', 'release', 'restock',
-                                     'sell-random', 'keygen'])
+                                     'sell-random', 'keygen', 'status'])
 def test_help_on_each_command(command):
     done = run(command, '--help')
     assert done.returncode == 0
@@ -371,3 +371,56 @@ def test_pause_and_resume_commands(sqlite_node):
     done = run('resume', '--url', node.url, timeout=30)
     assert done.returncode == 0, done.stderr
     assert node.get('/healthz')[2]['paused'] is False
+
+
+# ---------------------------------------------------------------------------
+# Drop day: status (issue 10)
+# ---------------------------------------------------------------------------
+
+def named_node(start_node, db, tmp_path, name):
+    """A node called `name` (a one-node peers.toml)."""
+    port = free_port()
+    config = tmp_path / 'peers.toml'
+    config.write_text(f'database = "{db}"\n\n[nodes.{name}]\n'
+                      f'http = "127.0.0.1:{port}"\n'
+                      f'replication = "tcp://127.0.0.1:{free_port()}"\n')
+    return start_node(db, port=port, args=['--config', str(config),
+                                           '--node', name])
+
+
+def test_status_shows_products_and_nodes(sqlite_url, small_catalog,
+                                         start_node, tmp_path):
+    seeded = run('seed', '--db', sqlite_url, '--catalog', small_catalog)
+    assert seeded.returncode == 0, seeded.stderr
+    node = named_node(start_node, sqlite_url, tmp_path, 'north')
+    node.release(1)
+    item = next(i for i in node.products()[0]['items'] if i['count'] > 2)
+    for _ in range(2):
+        status, _, answer = node.post('/api/purchase',
+                                      {'item_id': item['id']})
+        assert status == 201, answer
+
+    done = run('status', '--url', node.url, timeout=30)
+
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    lines = done.stdout.splitlines()
+    for sku, state, sold, left in [('T100', 'released', 2, 20),
+                                   ('T200', 'coming_soon', 0, 23),
+                                   ('T300', 'coming_soon', 0, 5)]:
+        [line] = [line for line in lines if sku in line]
+        numbers = re.findall(r'\b\d+\b', line.replace(sku, ''))
+        assert state.replace('_', ' ') in line.replace('_', ' '), line
+        assert str(sold) in numbers and str(left) in numbers, line
+    assert any(re.search(r'\bnorth\b', line) for line in lines), done.stdout
+
+
+def test_status_with_a_wrong_token_or_no_node(sqlite_node):
+    wrong = run('status', '--url', sqlite_node.url, timeout=30,
+                env={'SNEAKERS23_ADMIN_TOKEN': 'wrong'})
+    assert wrong.returncode == 1, (wrong.stdout, wrong.stderr)
+    assert wrong.stderr.count('\n') == 1 and '401' in wrong.stderr
+    gone = run('status', '--url', f'http://127.0.0.1:{free_port()}',
+               timeout=30)
+    assert gone.returncode == 2, (gone.stdout, gone.stderr)
+    assert gone.stderr.count('\n') == 1, gone.stderr
+    assert 'Traceback' not in gone.stderr
