@@ -65,6 +65,7 @@ from peewee import (
     ForeignKeyField,
     IntegerField,
     IntegrityError,
+    InterfaceError,
     Model,
     OperationalError,
     SqliteDatabase,
@@ -136,6 +137,8 @@ HEARTBEAT_INTERVAL = 1.0
 PEER_SILENT_AFTER = 3.0
 PEER_REDIAL_AFTER = 3.0
 PEER_REDIAL_INTERVAL = 2.0
+PRESENCE_FRESH = 5.0        # a peer's figures older than this: node gone
+SALES_WINDOW = 10           # s of orders behind `sales_per_s`
 ZMQ_HEARTBEAT_MS = 1000
 ZAP_ENDPOINT = 'inproc://zeromq.zap.01'
 
@@ -576,6 +579,7 @@ class DatabaseRunner:
         self.database = database
         self.is_sqlite = isinstance(database, SqliteDatabase)
         self._slots = gevent.lock.BoundedSemaphore(PG_POOL_SIZE)
+        self.state = 'ok'   # or 'unavailable' after a failed call
         self.loops = []
         if self.is_sqlite:
             self._jobs = gevent.queue.Queue()
@@ -593,11 +597,18 @@ class DatabaseRunner:
         `time.monotonic()` moment; default DB_DEADLINE from now).
         """
         deadline = deadline or time.monotonic() + DB_DEADLINE
-        if not self.is_sqlite:
-            return self._run_pooled(fn, args, deadline)
-        result = gevent.event.AsyncResult()
-        self._jobs.put((fn, args, deadline, result))
-        return result.get()
+        try:
+            if not self.is_sqlite:
+                result = self._run_pooled(fn, args, deadline)
+            else:
+                job = gevent.event.AsyncResult()
+                self._jobs.put((fn, args, deadline, job))
+                result = job.get()
+        except (Unavailable, OperationalError, InterfaceError):
+            self.state = 'unavailable'
+            raise
+        self.state = 'ok'
+        return result
 
     def read(self, fn, *args):
         """Like `run`, for big reads (a whole catalogue): three times the
@@ -862,6 +873,17 @@ def release_rows():
     return list(Product
                 .select(Product.id, Product.released, Product.release_at)
                 .tuples())
+
+
+def order_counts(since):
+    """{product_id: (orders, orders since `since`)}."""
+    recent = peewee.Case(None, [(Order.created_at >= since, 1)], 0)
+    return {product_id: (count, int(latest or 0)) for product_id, count,
+            latest in (Order
+                       .select(Order.product, peewee.fn.COUNT(Order.id),
+                               peewee.fn.SUM(recent))
+                       .group_by(Order.product)
+                       .tuples())}
 
 
 def sales_paused():
@@ -1572,6 +1594,17 @@ class EventHub:
     def open_streams(self):
         return len(self._streams)
 
+    def watching(self):
+        """{product_id: open streams that include it} (a stream without
+        a filter includes every product)."""
+        filters = Counter(stream.products for stream in self._streams)
+        everyone = filters.pop(None, 0)
+        counts = Counter({pid: everyone for pid in self.inventory.products})
+        for products, streams in filters.items():
+            for pid in products:
+                counts[pid] += streams
+        return counts
+
     def start(self):
         self._sender.apply(int)  # start its thread now, not mid-drop
         for loop in self.loops:
@@ -1914,6 +1947,7 @@ class PeerState:
         self.sub = self.monitor = None
         self.dialled = self.first_dialled = 0.0
         self.refused = False   # its last handshake failed
+        self.presence, self.presence_at = None, 0.0   # its own figures
 
     def as_json(self, now):
         if self.last_heard is None:
@@ -1950,6 +1984,7 @@ class Replicator:
         self._pub = None
         self._keys = None
         self._resync_wanted = gevent.event.Event()
+        self.presence = lambda: None   # this node's figures (Node sets it)
         self.loops = [Loop('heartbeat', self._heartbeat, HEARTBEAT_INTERVAL),
                       Loop('watch-peers', self._watch_peers,
                            HEARTBEAT_INTERVAL / 4),
@@ -2030,7 +2065,7 @@ class Replicator:
         sock.heartbeat_ttl = ZMQ_HEARTBEAT_MS * 3
 
     def _heartbeat(self):
-        self.publish('heartbeat')
+        self.publish('heartbeat', presence=self.presence())
 
     # -- receiving ------------------------------------------------------
 
@@ -2122,7 +2157,13 @@ class Replicator:
 
     def apply(self, msg):
         """Apply a peer's change to memory as a remote one."""
-        if msg['type'] == 'availability':
+        if msg['type'] == 'heartbeat' and isinstance(msg.get('presence'),
+                                                       dict):
+            state = self.peers.get(msg['node'])
+            if state is not None:
+                state.presence = msg['presence']
+                state.presence_at = time.monotonic()
+        elif msg['type'] == 'availability':
             self.inventory.item_changed(msg['item_id'], msg['count'],
                                         msg['version'], local=False)
         elif msg['type'] == 'released':
@@ -2540,6 +2581,17 @@ class _NodeGauges:
         yield lag
 
 
+def _product_overview(product, sales):
+    """One product's line of the overview (`sales` from order_counts)."""
+    sold, recent = (None, None) if sales is None else sales.get(
+        product.id, (0, 0))
+    return {'id': product.id, 'sku': product.sku, 'state': product.state,
+            'release_at': iso_moment(product.release_at), 'sold': sold,
+            'left': sum(item.count for item in product.items),
+            'sales_per_s': None if recent is None
+            else round(recent / SALES_WINDOW, 2)}
+
+
 class Node:
     """One running store node: database, memory, events, web app."""
 
@@ -2556,6 +2608,7 @@ class Node:
         self.replicator = None
         if config.replication:
             self.replicator = Replicator(config, self.inventory, self.writes)
+            self.replicator.presence = self.presence
         self.cookie_key = ''
         self.admin_hash, self.token_note = token_hash(secrets.token_hex()), ''
         self.lag = LagProbe()
@@ -2623,6 +2676,40 @@ class Node:
                             'greenlets': self.cached(
                                 'greenlets', int(time.monotonic() // 10),
                                 count_greenlets)}}
+
+    def presence(self):
+        """This node's figures for the overview, sent to its peers with
+        every heartbeat."""
+        peers = self.replicator.health() if self.replicator else {}
+        return {'streams': self.hub.open_streams,
+                'watching': {str(pid): n for pid, n
+                             in sorted(self.hub.watching().items()) if n},
+                'hub_lag_ms': self.lag.stats()['max_10s'],
+                'peers': {name: peer['state']
+                          for name, peer in peers.items()},
+                'db': self.runner.state}
+
+    def overview(self):
+        """The operator's view of the whole store: every live node of the
+        cluster, every product with what it sold."""
+        nodes = {self.config.node: self.presence()}
+        now = time.monotonic()
+        for name, state in (self.replicator.peers.items()
+                            if self.replicator else ()):
+            if state.presence and now - state.presence_at < PRESENCE_FRESH:
+                nodes[name] = state.presence
+        sales = self.cached('sales', int(now), self._order_counts)
+        return {'paused': self.inventory.paused,
+                'nodes': dict(sorted(nodes.items())),
+                'products': [_product_overview(p, sales)
+                             for p in self.inventory.ordered()]}
+
+    def _order_counts(self):
+        since = utcnow() - timedelta(seconds=SALES_WINDOW)
+        try:
+            return self.runner.run(order_counts, since)
+        except Unavailable:
+            return None   # sold unknown while the database is away
 
     def _housekeep(self):
         self.limits.forget_idle()
@@ -2952,6 +3039,7 @@ def _routes(app, node):
               lambda product_id: _schedule(node, path_id(product_id)))
     app.route('/admin/api/sales', 'POST', lambda: _sales(node))
     app.route('/metrics', 'GET', lambda: _metrics(node))
+    app.route('/admin/api/overview', 'GET', lambda: _overview(node))
     app.route('/healthz', 'GET', lambda: _health(node))
     app.route('/api/openapi.json', 'GET', _openapi)
     app.route('/static/<path:path>', 'GET', _static)
@@ -3111,6 +3199,11 @@ def _sales(node):
     return {'paused': paused}
 
 
+def _overview(node):
+    _require_admin(node)
+    return node.overview()
+
+
 def _metrics(node):
     _require_admin(node)
     bottle.response.content_type = prometheus_client.CONTENT_TYPE_LATEST
@@ -3143,7 +3236,7 @@ def _static(path):
 # ---------------------------------------------------------------------------
 
 COMMANDS = ('serve', 'seed', 'release', 'restock', 'sell-random', 'keygen',
-            'pause', 'resume')
+            'pause', 'resume', 'status')
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -3189,7 +3282,8 @@ def build_parser():
     _url_option(sell)
     commands.add_parser('keygen', help='print a CURVE key pair')
     for name, what in (('pause', 'stop all sales on every node'),
-                       ('resume', 'restart sales on every node')):
+                       ('resume', 'restart sales on every node'),
+                       ('status', 'the drop at a glance: products, nodes')):
         _url_option(commands.add_parser(name, help=what))
     return parser
 
@@ -3474,6 +3568,33 @@ def sales_command(args):
         else 'sales resumed on every node'))
 
 
+def status_command(args):
+    """`status`: products (state, sold, left) and nodes (shoppers, lag)."""
+    client = _admin_client(args)
+    status, view = client.request(
+        'GET', '/admin/api/overview',
+        headers={'Authorization': f'Bearer {client.token}'})
+    if status != 200:
+        return _report(status, view, client, str)
+    print(f"sales: {'PAUSED' if view['paused'] else 'on'}")
+    print(f"{'product':<10} {'state':<12} {'sold':>7} {'left':>9} "
+          f"{'sales/s':>8}  release at")
+    for p in view['products']:
+        print(f"{p['sku']:<10} {p['state']:<12} {_shown(p['sold']):>7} "
+              f"{p['left']:>9} {_shown(p['sales_per_s']):>8}  "
+              f"{p['release_at'] or ''}")
+    print(f"{'node':<10} {'shoppers':>8} {'hub lag':>9}  db           peers")
+    for name, n in view['nodes'].items():
+        peers = ', '.join(f'{k} {v}' for k, v in n['peers'].items())
+        print(f"{name:<10} {n['streams']:>8} {n['hub_lag_ms']:>7} ms  "
+              f"{n['db']:<12} {peers}")
+    return 0
+
+
+def _shown(value):
+    return '?' if value is None else value
+
+
 def _find_product(client, ref):
     """A product id from an id or a sku."""
     if ref.isdigit():
@@ -3635,7 +3756,7 @@ def main(argv=None):
                 'release': release_command, 'restock': restock_command,
                 'sell-random': sell_random_command,
                 'keygen': keygen_command, 'pause': sales_command,
-                'resume': sales_command}
+                'resume': sales_command, 'status': status_command}
     try:
         return commands[args.command](args) or 0
     except ConfigError as e:
