@@ -1110,7 +1110,8 @@ def test_overview_shows_sales_stock_and_who_watches(app_server, sse):
         assert product['sku'] == was['sku']
         assert product['state'] == ('released' if pid == 1
                                     else 'coming_soon'), product
-        assert product['release_at'] is None
+        assert product['release_at'] == was['release_at'], product
+        assert (product['release_at'] is None) == (pid != 1), product
         assert product['sold'] == sold.get(pid, 0), product
         assert product['left'] == left[pid] - sold.get(pid, 0), product
         assert isinstance(product['sales_per_s'], int | float)
