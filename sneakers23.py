@@ -17,6 +17,7 @@ monkey.patch_all()
 
 import _socket
 import argparse
+import csv
 import ctypes
 import ctypes.util
 import gc
@@ -715,6 +716,21 @@ class Product(BaseModel):
                     .where((cls.id == product_id) & (cls.released == False))  # noqa: E712,E501
                     .execute())
 
+    @classmethod
+    def release_as_scheduled(cls, product_id, at):
+        """Release a product at its scheduled moment `at`, only if the
+        database still has that moment (not cancelled or moved
+        meanwhile); (released, release_at) as the database has them."""
+        (cls.update(released=True)
+         .where((cls.id == product_id) & (cls.released == False)  # noqa: E712,E501
+                & (cls.release_at == at))
+         .execute())
+        return (cls
+                .select(cls.released, cls.release_at)
+                .where(cls.id == product_id)
+                .tuples()
+                .first())
+
 
 class Item(BaseModel):
     product = ForeignKeyField(Product, backref='items', on_delete='CASCADE')
@@ -886,9 +902,30 @@ def order_counts(since):
                        .tuples())}
 
 
+def product_orders(product_id):
+    """Every order of one product, oldest first:
+    (order_id, item_id, size, node, created_at)."""
+    return list(Order
+                .select(Order.id, Order.item, Item.size, Order.node,
+                        Order.created_at)
+                .join(Item)
+                .where(Order.product == product_id)
+                .order_by(Order.created_at, Order.id)
+                .tuples())
+
+
 def sales_paused():
-    """Whether the store's sales are paused (the kill switch)."""
-    return Setting.read('paused', '0') == '1'
+    """(whether sales are paused, the version of that setting): a reload
+    that read an older version must not undo a newer pause or resume."""
+    paused, _, version = Setting.read('paused', '0:0').partition(':')
+    return paused == '1', int(version or 0)
+
+
+def set_sales_paused(paused):
+    """Pause or resume sales; the setting's new version."""
+    _, version = sales_paused()
+    Setting.put('paused', f'{int(paused)}:{version + 1}')
+    return version + 1
 
 
 def create_tables():
@@ -1034,6 +1071,7 @@ class Inventory:
         self.products, self.items = {}, {}
         self.revision = 0
         self.paused = False   # the kill switch: no sales anywhere
+        self.sales_version = 0
         self._listeners = []
 
     def load(self, rows):
@@ -1088,8 +1126,12 @@ class Inventory:
         self._tell('scheduled', product, None, None, local)
         return True
 
-    def sales_changed(self, paused, local=True):
-        """Pause or resume every sale; True if that changed anything."""
+    def sales_changed(self, paused, version, local=True):
+        """Pause or resume every sale when `version` is newer; True if
+        that changed anything."""
+        if version <= self.sales_version:
+            return False
+        self.sales_version = version
         if self.paused == paused:
             return False
         self.paused = paused
@@ -1267,13 +1309,13 @@ class WritePath:
         rows, paused = self.runner.read(
             lambda: (catalog_rows(), sales_paused()))
         self.inventory.load(rows)
-        self.inventory.paused = paused
+        self.inventory.paused, self.inventory.sales_version = paused
 
     def refresh(self):
         """Bring memory up to the database (changes made anywhere)."""
         stock, releases, paused = self.runner.read(
             lambda: (stock_rows(), release_rows(), sales_paused()))
-        self.inventory.sales_changed(paused, local=False)
+        self.inventory.sales_changed(*paused, local=False)
         for product_id, released, at in releases:
             if released:
                 self.inventory.product_released(product_id, at, local=False)
@@ -1300,9 +1342,16 @@ class WritePath:
         """
         if self.inventory.products[product_id].released:
             return False  # memory follows the database: nothing to write
-        at = at or utcnow()
-        self._write(Product.release, product_id, at)
-        return self.inventory.product_released(product_id, at)
+        if at is None:
+            at = utcnow()
+            self._write(Product.release, product_id, at)
+            return self.inventory.product_released(product_id, at)
+        released, stored = self._write(Product.release_as_scheduled,
+                                       product_id, at)
+        if not released:  # cancelled or moved meanwhile: memory was stale
+            self.inventory.product_scheduled(product_id, stored, local=False)
+            return False
+        return self.inventory.product_released(product_id, stored)
 
     def schedule(self, product_id, at):
         """Release a product at `at` (None: cancel); False when it was
@@ -1314,8 +1363,8 @@ class WritePath:
 
     def pause_sales(self, paused):
         """The kill switch: stop (or restart) every sale of the store."""
-        self._write(Setting.put, 'paused', '1' if paused else '0')
-        self.inventory.sales_changed(paused)
+        version = self._write(set_sales_paused, paused)
+        self.inventory.sales_changed(paused, version)
 
     def restock(self, item_id, count):
         """Add pairs to an item; its new count, or None if it has none."""
@@ -1873,7 +1922,7 @@ class EventHub:
 
 MESSAGE_FIELDS = {'availability': ('item_id', 'count', 'version'),
                   'released': ('product_id',), 'heartbeat': (),
-                  'scheduled': ('product_id',), 'sales': ()}
+                  'scheduled': ('product_id',), 'sales': ('version',)}
 
 
 def encode_message(node, boot, seq, kind, **fields):
@@ -2029,7 +2078,8 @@ class Replicator:
             self.publish('scheduled', product_id=product.id,
                          release_at=iso_moment(product.release_at))
         elif kind == 'sales':
-            self.publish('sales', paused=self.inventory.paused)
+            self.publish('sales', paused=self.inventory.paused,
+                         version=self.inventory.sales_version)
 
     def publish(self, kind, **fields):
         """Send one message to every subscribed peer."""
@@ -2175,7 +2225,8 @@ class Replicator:
                 msg['product_id'], _moment_or_none(msg.get('release_at')),
                 local=False)
         elif msg['type'] == 'sales':
-            self.inventory.sales_changed(msg['paused'], local=False)
+            self.inventory.sales_changed(msg['paused'], msg['version'],
+                                         local=False)
 
     def request_resync(self, reason):
         """Reload stock from the database soon (coalesced)."""
@@ -3040,6 +3091,8 @@ def _routes(app, node):
     app.route('/admin/api/sales', 'POST', lambda: _sales(node))
     app.route('/metrics', 'GET', lambda: _metrics(node))
     app.route('/admin/api/overview', 'GET', lambda: _overview(node))
+    app.route('/admin/api/products/<product_id>/orders', 'GET',
+              lambda product_id: _orders(node, path_id(product_id)))
     app.route('/healthz', 'GET', lambda: _health(node))
     app.route('/api/openapi.json', 'GET', _openapi)
     app.route('/static/<path:path>', 'GET', _static)
@@ -3199,6 +3252,24 @@ def _sales(node):
     return {'paused': paused}
 
 
+def _orders(node, product_id):
+    """A drop's orders, for `report` (no shopper ids: not needed)."""
+    _require_admin(node)
+    product = node.inventory.products.get(product_id)
+    if product is None:
+        raise ApiError(404, 'not_found')
+    rows = node.runner.read(product_orders, product_id)
+    return {'product_id': product_id, 'sku': product.sku,
+            'state': product.state,
+            'release_at': iso_moment(product.release_at),
+            'left': sum(item.count for item in product.items),
+            'orders': [{'order_id': order_id, 'item_id': item_id,
+                        'size': size, 'node': node_name,
+                        'created_at': iso_moment(created)}
+                       for order_id, item_id, size, node_name, created
+                       in rows]}
+
+
 def _overview(node):
     _require_admin(node)
     return node.overview()
@@ -3236,7 +3307,7 @@ def _static(path):
 # ---------------------------------------------------------------------------
 
 COMMANDS = ('serve', 'seed', 'release', 'restock', 'sell-random', 'keygen',
-            'pause', 'resume', 'status')
+            'pause', 'resume', 'status', 'report')
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -3281,6 +3352,11 @@ def build_parser():
                       help='concurrent shoppers (default 20)')
     _url_option(sell)
     commands.add_parser('keygen', help='print a CURVE key pair')
+    report = commands.add_parser('report', help='one drop, summed up')
+    report.add_argument('product', help='product id or sku')
+    report.add_argument('--csv', metavar='FILE',
+                        help='also write its orders to FILE as CSV')
+    _url_option(report)
     for name, what in (('pause', 'stop all sales on every node'),
                        ('resume', 'restart sales on every node'),
                        ('status', 'the drop at a glance: products, nodes')):
@@ -3591,6 +3667,60 @@ def status_command(args):
     return 0
 
 
+def report_command(args):
+    """`report PRODUCT [--csv FILE]`: when it opened and sold out, pairs
+    per size, sales per second; its orders as CSV."""
+    client = _admin_client(args)
+    product_id = _find_product(client, args.product)
+    status, drop = client.request(
+        'GET', f'/admin/api/products/{product_id}/orders',
+        headers={'Authorization': f'Bearer {client.token}'})
+    if status != 200:
+        return _report(status, drop, client, str)
+    for line in drop_summary(drop):
+        print(line)
+    if args.csv:
+        _write_orders_csv(args.csv, drop['orders'])
+        print(f"{len(drop['orders'])} orders written to {args.csv}")
+    return 0
+
+
+def drop_summary(drop):
+    """The lines `report` prints for one drop."""
+    orders = drop['orders']
+    moments = [parse_moment(o['created_at']) for o in orders]
+    opened = drop['release_at'] and parse_moment(drop['release_at'])
+    lines = [f"{drop['sku']} ({drop['state']}): {len(orders)} pairs sold, "
+             f"{drop['left']} left",
+             f"opened     {drop['release_at'] or 'not yet'}"]
+    if orders and drop['left'] == 0:
+        lines.append(f"sold out   {orders[-1]['created_at']}"
+                     + (f' ({(moments[-1] - opened).total_seconds():.1f} s'
+                        ' after opening)' if opened else ''))
+    if orders:
+        span = max((moments[-1] - (opened or moments[0])).total_seconds(),
+                   1.0)
+        busiest = Counter(m.replace(microsecond=0) for m in moments)
+        lines.append(f'sales/s    {len(orders) / span:.1f} on average, '
+                     f'{max(busiest.values())} in the busiest second')
+    sizes = Counter(o['size'] for o in orders)
+    lines.append('per size   ' + (', '.join(
+        f'{size}: {n}' for size, n in sorted(
+            sizes.items(), key=lambda kv: float(kv[0]))) or 'none'))
+    return lines
+
+
+def _write_orders_csv(path, orders):
+    fields = ('order_id', 'item_id', 'size', 'node', 'created_at')
+    try:
+        with open(path, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(orders)
+    except OSError as e:
+        raise ConfigError(f'cannot write {path}: {e.strerror}') from None
+
+
 def _shown(value):
     return '?' if value is None else value
 
@@ -3756,7 +3886,8 @@ def main(argv=None):
                 'release': release_command, 'restock': restock_command,
                 'sell-random': sell_random_command,
                 'keygen': keygen_command, 'pause': sales_command,
-                'resume': sales_command, 'status': status_command}
+                'resume': sales_command, 'status': status_command,
+                'report': report_command}
     try:
         return commands[args.command](args) or 0
     except ConfigError as e:

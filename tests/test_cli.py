@@ -1,5 +1,6 @@
 """The command line as an operator uses it: real processes, real output."""
 
+import csv
 import os
 import re
 import subprocess
@@ -424,3 +425,37 @@ def test_status_with_a_wrong_token_or_no_node(sqlite_node):
     assert gone.returncode == 2, (gone.stdout, gone.stderr)
     assert gone.stderr.count('\n') == 1, gone.stderr
     assert 'Traceback' not in gone.stderr
+
+
+def test_report_sums_up_a_sold_out_drop_and_writes_its_orders(
+        sqlite_url, small_catalog, start_node, tmp_path):
+    """T100 (22 pairs: 7 of size 6, 12 of 9, 3 of 12) sold out by
+    sell-random: the report says so, per size, and the CSV holds every
+    order the database has."""
+    seeded = run('seed', '--db', sqlite_url, '--catalog', small_catalog)
+    assert seeded.returncode == 0, seeded.stderr
+    node = start_node(sqlite_url)
+    node.release(1)
+    sold = run('sell-random', '--until-gone', '--url', node.url)
+    assert sold.returncode == 0, sold.stderr
+    csv_path = tmp_path / 'orders.csv'
+
+    done = run('report', 'T100', '--csv', str(csv_path), '--url', node.url)
+
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    out = done.stdout
+    assert 'T100 (released): 22 pairs sold, 0 left' in out, out
+    assert re.search(r'^sold out +\S+Z \(\d+\.\d s after opening\)$', out,
+                     re.MULTILINE), out
+    assert 'per size   6: 7, 9: 12, 12: 3' in out, out
+    assert re.search(r'^sales/s +\d+\.\d on average, \d+ in the busiest '
+                     r'second$', out, re.MULTILINE), out
+    with open(csv_path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    ids = {row[0] for row in db_rows(sqlite_url,
+                                     'SELECT id FROM orders WHERE '
+                                     'product_id = 1')}
+    assert {int(row['order_id']) for row in rows} == ids and len(ids) == 22
+    assert {row['size'] for row in rows} == {'6', '9', '12'}
+    unknown = run('report', 'NOPE', '--url', node.url)
+    assert unknown.returncode == 1 and unknown.stderr.count('\n') == 1

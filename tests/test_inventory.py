@@ -67,3 +67,18 @@ def test_a_failing_listener_does_not_stop_the_others(inventory):
     inventory.listen(lambda *event: told.append(event))
     inventory.item_changed(10, 1, 2)
     assert len(told) == 1
+
+
+def test_an_older_pause_setting_never_undoes_a_newer_one():
+    """A reload that read the setting before a resume must not pause the
+    store again (the setting's version decides, as counts' versions do)."""
+    inventory = sneakers23.Inventory()
+    seen = []
+    inventory.listen(lambda kind, *rest: seen.append(kind))
+    assert inventory.sales_changed(True, 1)
+    assert inventory.sales_changed(False, 2)
+    assert not inventory.sales_changed(True, 1, local=False)  # stale
+    assert inventory.paused is False and inventory.sales_version == 2
+    assert not inventory.sales_changed(False, 3)   # same value, newer
+    assert inventory.sales_version == 3
+    assert seen == ['sales', 'sales']

@@ -1,15 +1,17 @@
 """The HTTP API and page of one real node, as shoppers and operators use it."""
 
+import contextlib
 import http.client
 import itertools
 import json
 import math
 import re
 import socket
+import sqlite3
 import time
 import urllib.parse
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import gevent
 import pytest
@@ -1145,3 +1147,28 @@ def test_overview_shows_sales_stock_and_who_watches(app_server, sse):
                                   'unauthorized'),
     }
     assert not any(problems.values()), report(problems)
+
+
+def test_a_schedule_cancelled_elsewhere_is_not_released(app_server):
+    """Memory still holds a moment the database no longer has (another
+    node cancelled it, its message lost): at the moment nothing is
+    released, and memory learns the truth."""
+    server = app_server()
+    moment = datetime.now(UTC) + timedelta(seconds=1.5)
+    at = moment.isoformat().replace('+00:00', 'Z')
+    status, _, answer = call(server.url, 'POST',
+                             '/admin/api/products/3/schedule', {'at': at},
+                             headers=admin_headers())
+    assert status == 200, answer
+    db_url = server.node.config.db_url
+    db_path = db_url[len('sqlite:///'):]
+    with contextlib.closing(sqlite3.connect(db_path)) as con, con:
+        con.execute('UPDATE product SET release_at = NULL WHERE id = 3')
+
+    def state_of_3():
+        product = call(server.url, 'GET', '/api/products')[2][2]
+        return product['state'], product['released']
+    wait_until(lambda: state_of_3() == ('coming_soon', False), 6,
+               'memory learns the schedule was cancelled')
+    assert db_rows(db_url, 'SELECT released, release_at FROM product '
+                           'WHERE id = 3') == [(0, None)]
