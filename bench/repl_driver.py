@@ -87,6 +87,22 @@ class Connection:
         return status, body
 
 
+def call_json(host, port, method, path, body=None, token=None):
+    """(status, JSON or raw bytes) of one request on a fresh connection,
+    with the admin token when one is given."""
+    conn = Connection(host, port)
+    try:
+        headers = [f'Authorization: Bearer {token}'] if token else []
+        headers.append('Connection: close')
+        _, status, raw = conn.request(method, path, body, headers)
+    finally:
+        conn.close()
+    try:
+        return status, json.loads(raw or b'null')
+    except ValueError:
+        return status, raw
+
+
 def drive(host, port, item, slots, token, out):
     """Alternate restock +1 and purchase of `item` at its time slots."""
     conn = Connection(host, port)

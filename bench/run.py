@@ -49,7 +49,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from repl_driver import Connection
+from repl_driver import call_json
 
 PY = VENV_PY if os.path.exists(VENV_PY) else sys.executable
 NODE = os.path.join(ROOT, 'sneakers23.py')
@@ -288,17 +288,8 @@ def node_env():
 
 def api(port, method, path, body=None, admin=False):
     """(status, JSON) of one request on a fresh connection."""
-    conn = Connection('127.0.0.1', port)
-    try:
-        headers = [f'Authorization: Bearer {TOKEN}'] if admin else []
-        headers.append('Connection: close')
-        _, status, raw = conn.request(method, path, body, headers)
-    finally:
-        conn.close()
-    try:
-        return status, json.loads(raw or b'null')
-    except ValueError:
-        return status, raw
+    return call_json('127.0.0.1', port, method, path, body,
+                     TOKEN if admin else None)
 
 
 def healthz_once(port):

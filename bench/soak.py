@@ -60,7 +60,7 @@ import time
 import tomllib
 
 import gevent
-from repl_driver import Connection
+from repl_driver import Connection, call_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -211,17 +211,8 @@ class Node:
 
 def api(port, method, path, body=None, admin=False):
     """(status, JSON) of one request on a fresh connection."""
-    conn = Connection(HOST, port)
-    try:
-        headers = [f'Authorization: Bearer {TOKEN}'] if admin else []
-        headers.append('Connection: close')
-        _, status, raw = conn.request(method, path, body, headers)
-    finally:
-        conn.close()
-    try:
-        return status, json.loads(raw or b'null')
-    except ValueError:
-        return status, raw
+    return call_json(HOST, port, method, path, body,
+                     TOKEN if admin else None)
 
 
 def fill_ring(port, products, events=RING_EVENTS, lanes=4):

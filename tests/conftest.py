@@ -57,11 +57,8 @@ def reset_postgres(url):
     database.close_all()
 
 
-@pytest.fixture(params=['sqlite', 'postgres'])
-def db_url(request, tmp_path):
-    """A fresh, empty database: SQLite in tmp_path, or the test PostgreSQL."""
-    if request.param == 'sqlite':
-        return f'sqlite:///{tmp_path}/store.db'
+def fresh_postgres():
+    """The test PostgreSQL, emptied; skips (fails under CI) without it."""
     if not PG_URL:
         if REQUIRE_PG:
             pytest.fail('SNEAKERS23_REQUIRE_POSTGRES is set but '
@@ -69,6 +66,14 @@ def db_url(request, tmp_path):
         pytest.skip('TEST_DATABASE_URL is not set')
     reset_postgres(PG_URL)
     return PG_URL
+
+
+@pytest.fixture(params=['sqlite', 'postgres'])
+def db_url(request, tmp_path):
+    """A fresh, empty database: SQLite in tmp_path, or the test PostgreSQL."""
+    if request.param == 'sqlite':
+        return f'sqlite:///{tmp_path}/store.db'
+    return fresh_postgres()
 
 
 @pytest.fixture
@@ -168,6 +173,21 @@ class NodeProcess:
             headers=admin_headers())
         assert status == 200, answer
         return answer
+
+    def schedule(self, product_id, at):
+        """Schedule (or with None, cancel) a product's release."""
+        status, _, answer = self.post(
+            f'/admin/api/products/{product_id}/schedule', {'at': at},
+            headers=admin_headers())
+        assert status == 200, answer
+        return answer
+
+    def set_paused(self, paused):
+        """The kill switch, through this node."""
+        status, _, answer = self.post('/admin/api/sales',
+                                      {'paused': paused},
+                                      headers=admin_headers())
+        assert (status, answer) == (200, {'paused': paused})
 
     def item(self, item_id):
         for product in self.products():

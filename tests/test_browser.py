@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 
 import gevent
 import pytest
-from conftest import admin_headers
 from playwright.sync_api import expect, sync_playwright
 
 CHROMIUM = '/usr/bin/chromium'
@@ -297,20 +296,6 @@ def test_no_horizontal_scroll(sqlite_node, open_page, viewport):
 # Drop day: a countdown to a scheduled release, paused sales
 # ---------------------------------------------------------------------------
 
-def schedule(node, product_id, at):
-    status, _, answer = node.post(
-        f'/admin/api/products/{product_id}/schedule', {'at': at},
-        headers=admin_headers())
-    assert status == 200, answer
-    return answer
-
-
-def set_sales(node, paused):
-    status, _, answer = node.post('/admin/api/sales', {'paused': paused},
-                                  headers=admin_headers())
-    assert status == 200, answer
-
-
 def test_countdown_on_a_wrong_clock_flips_to_sizes_at_the_moment(
         sqlite_node, browser):
     """The browser's clock is 3 minutes slow: the countdown still counts
@@ -328,7 +313,7 @@ def test_countdown_on_a_wrong_clock_flips_to_sizes_at_the_moment(
         page.evaluate(f'{MARK} = true')
         moment = datetime.now(UTC) + timedelta(seconds=4)
         at = moment.isoformat().replace('+00:00', 'Z')
-        schedule(node, 5, at)
+        node.schedule(5, at)
         countdown = card(page, 5).locator('.countdown')
         expect(card(page, 5)).to_have_attribute('data-release-at', at,
                                                 timeout=LIVE)
@@ -351,7 +336,7 @@ def test_sales_paused_shows_and_goes(sqlite_node, open_page):
     page = open_page(node)
     banner = page.locator('#sales')
     expect(banner).to_be_hidden()
-    set_sales(node, True)
+    node.set_paused(True)
     expect(banner).to_be_visible(timeout=LIVE)
     expect(banner).to_contain_text('Sales paused')
     in_stock = next(i for i in product_of(node, 1)['items']
@@ -360,7 +345,7 @@ def test_sales_paused_shows_and_goes(sqlite_node, open_page):
     expect(card(page, 1).locator('.product__status')).to_contain_text(
         'sales are paused', timeout=LIVE)
     assert node.item(in_stock['id'])['count'] == in_stock['count']
-    set_sales(node, False)
+    node.set_paused(False)
     expect(banner).to_contain_text('back on', timeout=LIVE)
     size_button(page, in_stock['id']).click()
     expect(card(page, 1).locator('.product__status')).to_contain_text(

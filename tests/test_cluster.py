@@ -711,20 +711,6 @@ def whole_second_ahead(seconds):
     return when.strftime('%Y-%m-%dT%H:%M:%SZ'), moment, when
 
 
-def schedule(node, product_id, at):
-    status, _, answer = node.post(
-        f'/admin/api/products/{product_id}/schedule', {'at': at},
-        headers=admin_headers())
-    assert status == 200, answer
-    return answer
-
-
-def set_paused(node, paused):
-    status, _, answer = node.post('/admin/api/sales', {'paused': paused},
-                                  headers=admin_headers())
-    assert (status, answer) == (200, {'paused': paused})
-
-
 def as_utc(value):
     """A release_at as the database holds it, as naive UTC datetime."""
     if isinstance(value, str):
@@ -762,10 +748,10 @@ def test_a_scheduled_release_happens_on_every_node_at_its_moment(cluster,
                    'the stream opened')
 
     at, moment, when = whole_second_ahead(2)
-    assert schedule(a, kept, at) == {'product_id': kept, 'release_at': at,
+    assert a.schedule(kept, at) == {'product_id': kept, 'release_at': at,
                                      'scheduled': True}
-    schedule(a, cancelled, at)
-    assert schedule(c, cancelled, None)['scheduled'] is False
+    a.schedule(cancelled, at)
+    assert c.schedule(cancelled, None)['scheduled'] is False
     for client in clients.values():
         client.wait_for('scheduled', where=lambda d: d == {
             'product_id': kept, 'release_at': at})
@@ -809,7 +795,7 @@ def test_a_node_started_after_the_moment_releases_on_start(cluster):
     product_id = unreleased(a)[0]
     at, moment, when = whole_second_ahead(3)
     phases = {'scheduled': time.monotonic()}
-    schedule(a, product_id, at)
+    a.schedule(product_id, at)
     phases['b learns'] = time.monotonic()
     wait_until(lambda: shown(b, product_id) == ('scheduled', False, at), 3,
                'b learns the schedule')
@@ -849,7 +835,7 @@ def test_pause_through_b_stops_sales_everywhere_until_resumed(cluster):
             sold.append(answer['order_id'])
         return status, headers, answer
 
-    set_paused(b, True)
+    b.set_paused(True)
     paused = time.monotonic()
     refused = {}
 
@@ -878,7 +864,7 @@ def test_pause_through_b_stops_sales_everywhere_until_resumed(cluster):
     assert [purchase(node)[0] for node in (a, b)] == [503, 503]
     assert len(db_rows(cluster.db_url, 'SELECT id FROM orders')) == before
 
-    set_paused(a, False)
+    a.set_paused(False)
     for node in nodes:
         wait_until(lambda node=node: purchase(node)[0] == 201, PAUSE_WITHIN,
                    f'{node.name} sells again')

@@ -1,7 +1,7 @@
 """The database layer: the truth about stock and orders."""
 
 import pytest
-from conftest import PG_URL, REQUIRE_PG, reset_postgres
+from conftest import PG_URL, fresh_postgres
 
 import sneakers23
 from sneakers23 import (
@@ -157,13 +157,7 @@ def test_a_batch_past_its_deadline_commits_nothing(database):
 @pytest.fixture
 def pg_database():
     """The models bound to a fresh, seeded PostgreSQL database."""
-    if not PG_URL:
-        if REQUIRE_PG:
-            pytest.fail('SNEAKERS23_REQUIRE_POSTGRES is set but '
-                        'TEST_DATABASE_URL is not')
-        pytest.skip('TEST_DATABASE_URL is not set')
-    reset_postgres(PG_URL)
-    database = sneakers23.open_database(PG_URL)
+    database = sneakers23.open_database(fresh_postgres())
     db.initialize(database)
     with database.connection_context():
         sneakers23.seed(sneakers23.CATALOG_PATH)
