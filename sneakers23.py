@@ -114,6 +114,7 @@ MAX_BATCH = 256
 PG_POOL_SIZE = 4
 DB_DEADLINE = 3.0           # a write not done by then answers 503
 DB_DEADLINE_MARGIN = 0.5    # clock skew allowed between node and database
+DB_PROBE_INTERVAL = 1.0     # s without a database call before one probe
 SQLITE_LOCK_RETRY = 0.002
 HEADER_TIMEOUT = float(os.environ.get('SNEAKERS23_HEADER_TIMEOUT') or 5)
 LAG_PROBE_INTERVAL = 0.05
@@ -153,6 +154,7 @@ class ConfigError(Sneakers23Error): pass
 class Refused(Sneakers23Error): pass
 class Unavailable(Sneakers23Error): pass
 class DeadlinePassed(Unavailable): pass
+class OutcomeUnknown(Unavailable): pass   # COMMIT sent, its answer lost
 
 
 class ApiError(Sneakers23Error):
@@ -585,7 +587,8 @@ class DatabaseRunner:
         self.is_sqlite = isinstance(database, SqliteDatabase)
         self._slots = gevent.lock.BoundedSemaphore(PG_POOL_SIZE)
         self.state = 'ok'   # or 'unavailable' after a failed call
-        self.loops = []
+        self.answered = time.monotonic()   # when a call last ended
+        self.loops = [Loop('db-probe', self._probe, DB_PROBE_INTERVAL)]
         if self.is_sqlite:
             self._jobs = gevent.queue.Queue()
             self.loops.append(Loop('sqlite-writer', self._run_next_job))
@@ -610,10 +613,21 @@ class DatabaseRunner:
                 self._jobs.put((fn, args, deadline, job))
                 result = job.get()
         except (Unavailable, OperationalError, InterfaceError):
-            self.state = 'unavailable'
+            self.state, self.answered = 'unavailable', time.monotonic()
             raise
-        self.state = 'ok'
+        self.state, self.answered = 'ok', time.monotonic()
         return result
+
+    def _probe(self):
+        """Keep `state` true when nothing else asks the database (a node
+        cut off from it says so, and says when it is back)."""
+        if time.monotonic() - self.answered < DB_PROBE_INTERVAL:
+            return
+        try:
+            self.run(_select_one,
+                     deadline=time.monotonic() + DB_PROBE_INTERVAL * 2)
+        except (Unavailable, OperationalError, InterfaceError):
+            pass   # `state` says so
 
     def read(self, fn, *args):
         """Like `run`, for big reads (a whole catalogue): three times the
@@ -665,6 +679,10 @@ class DatabaseRunner:
         if db.is_closed():
             db.connect()
         return fn(*args)
+
+
+def _select_one():
+    return db.execute_sql('SELECT 1').fetchone()
 
 
 def _long_statement(fn, args):
@@ -1186,6 +1204,7 @@ class Job:
                             kw_only=True)
     taken: bool = field(default=False, kw_only=True)
     abandoned: bool = field(default=False, kw_only=True)
+    commit_sent: bool = field(default=False, kw_only=True)
 
 
 @dataclass(eq=False)
@@ -1227,6 +1246,8 @@ def commit_batch(purchases, writes, node, deadline):
         outcomes = place_orders(purchases, node)
         if time.monotonic() > deadline:
             raise DeadlinePassed('the batch missed its deadline')
+        for job in (*purchases, *writes):
+            job.commit_sent = True   # from here, no answer = unknown
         return done, outcomes
 
 
@@ -1293,6 +1314,27 @@ def _first_per_shopper(purchases, outcomes):
             seen.add(p.shopper)
             fresh.append(p)
     return fresh
+
+
+def _batch_failure(error, job, in_process):
+    """What a failed batch tells one of its jobs: OutcomeUnknown when its
+    COMMIT went out to a server and no answer came back (a timeout, a lost
+    connection), else Unavailable: nothing was committed. (SQLite commits
+    in this process: its answer cannot be lost.)"""
+    if job.commit_sent and not in_process and not _server_answered(error):
+        return OutcomeUnknown(f'COMMIT sent, then: {error}')
+    return error if isinstance(error, Unavailable) else Unavailable(
+        str(error))
+
+
+def _server_answered(error):
+    """Whether PostgreSQL itself answered with this error (it has an
+    SQLSTATE): the transaction was then surely rolled back."""
+    while error is not None:
+        if getattr(error, 'pgcode', None):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class WritePath:
@@ -1411,6 +1453,9 @@ class WritePath:
             if job.taken and self.runner.is_sqlite:
                 return job.result.get()
             job.abandoned = True
+            if job.commit_sent:
+                raise OutcomeUnknown('COMMIT sent, no answer by the '
+                                     'deadline') from None
             raise DeadlinePassed('no answer from the database') from None
 
     def _commit_next(self):
@@ -1423,13 +1468,13 @@ class WritePath:
         try:
             self._commit(batch)
         except Exception as e:
-            if not isinstance(e, Unavailable):
+            if not isinstance(e, (Unavailable, OperationalError,
+                                  InterfaceError)):
                 logger.exception('a batch of %d writes failed', len(batch))
             for job in batch:
                 if not job.result.ready():
-                    job.result.set_exception(
-                        e if isinstance(e, Unavailable)
-                        else Unavailable(str(e)))
+                    job.result.set_exception(_batch_failure(
+                        e, job, in_process=self.runner.is_sqlite))
 
     @staticmethod
     def _live(jobs):
@@ -2777,6 +2822,7 @@ class Node:
         peers = self.replicator.health() if self.replicator else {}
         loops = {name: loop.state for name, loop in self.loops().items()}
         return {'node': self.config.node, 'db': redact(self.config.db_url),
+                'db_state': self.runner.state,
                 'ok': 'dead' not in loops.values(),
                 'paused': self.inventory.paused,
                 'peers': peers, 'streams': self.hub.open_streams,
@@ -2994,9 +3040,11 @@ def api_errors(node):
                 return json_response(e.status, {'error': e.code},
                                      **e.headers)
             except Unavailable as e:
-                node.answers.refusal(bottle.request.path, 503, 'unavailable',
-                                     str(e))
-                return json_response(503, {'error': 'unavailable'},
+                # COMMIT sent, answer lost: say so, never guess
+                code = ('outcome_unknown' if isinstance(e, OutcomeUnknown)
+                        else 'unavailable')
+                node.answers.refusal(bottle.request.path, 503, code, str(e))
+                return json_response(503, {'error': code},
                                      **{'Retry-After': '1'})
         return wrapper
     return plugin

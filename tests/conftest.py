@@ -419,8 +419,11 @@ class PrivatePostgres:
     one.
     """
 
-    def __init__(self, initdb):
+    def __init__(self, initdb, prefix=(), host='127.0.0.1'):
         self.bin = os.path.dirname(initdb)
+        # `prefix` runs it elsewhere (`ip netns exec NS`), listening on
+        # `host` there; the test reaches it through its unix socket.
+        self.prefix, self.host = list(prefix), host
         self.dir = tempfile.mkdtemp(prefix='sneakers23-pg-')
         self.data = os.path.join(self.dir, 'data')
         self.port = None
@@ -430,16 +433,21 @@ class PrivatePostgres:
             shutil.chown(self.dir, self.user)
 
     def _run(self, *args, check=True):
-        return subprocess.run([os.path.join(self.bin, args[0]), *args[1:]],
-                              user=self.user, cwd=self.dir, check=check,
+        cmd, user = [os.path.join(self.bin, args[0]), *args[1:]], self.user
+        if self.prefix:   # root enters the namespace, then drops to user
+            cmd = [*self.prefix, 'runuser', '-u', user, '--', *cmd]
+            user = None
+        return subprocess.run(cmd, user=user, cwd=self.dir, check=check,
                               capture_output=True, text=True, timeout=60)
 
     def start(self):
         self._run('initdb', '-D', self.data, '-U', 'postgres',
                   '--auth=trust', '--no-sync', '-E', 'UTF8')
+        with open(os.path.join(self.data, 'pg_hba.conf'), 'a') as f:
+            f.write('host all all samenet trust\n')  # the LAN's hosts
         self.port = free_port()
         options = (f'-p {self.port} -k {self.dir} '
-                   '-c listen_addresses=127.0.0.1 -c fsync=off '
+                   f'-c listen_addresses={self.host} -c fsync=off '
                    '-c full_page_writes=off -c max_connections=50')
         done = self._run('pg_ctl', '-D', self.data, '-l',
                          os.path.join(self.dir, 'log'), '-o', options,
@@ -447,7 +455,9 @@ class PrivatePostgres:
         if done.returncode != 0:
             raise RuntimeError(f'pg_ctl start failed: {done.stdout}'
                                f'{done.stderr}{self.log()}')
-        self.url = f'postgresql://postgres@127.0.0.1:{self.port}/postgres'
+        self.url = f'postgresql://postgres@{self.host}:{self.port}/postgres'
+        self.local_url = (f'postgresql://postgres@/postgres?host={self.dir}'
+                          f'&port={self.port}')
         return self
 
     def log(self):
