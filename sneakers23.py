@@ -914,6 +914,18 @@ def product_orders(product_id):
                 .tuples())
 
 
+def shopper_orders(shopper):
+    """Every order of one shopper, oldest first:
+    (order_id, product_id, item_id, size, created_at)."""
+    return list(Order
+                .select(Order.id, Order.product, Order.item, Item.size,
+                        Order.created_at)
+                .join(Item)
+                .where(Order.shopper == shopper)
+                .order_by(Order.created_at, Order.id)
+                .tuples())
+
+
 def sales_paused():
     """(whether sales are paused, the version of that setting): a reload
     that read an older version must not undo a newer pause or resume."""
@@ -3082,6 +3094,7 @@ def _routes(app, node):
     app.route('/api/products', 'GET', lambda: _products(node))
     app.route('/events', 'GET', lambda: _events(node))
     app.route('/api/purchase', 'POST', lambda: _purchase(node))
+    app.route('/api/orders', 'GET', lambda: _shopper_orders(node))
     app.route('/admin/api/products/<product_id>/release', 'POST',
               lambda product_id: _release(node, path_id(product_id)))
     app.route('/admin/api/items/<item_id>/restock', 'POST',
@@ -3165,6 +3178,23 @@ def _shopper(node):
             'Set-Cookie', f'{SHOPPER_COOKIE}={sign(shopper, node.cookie_key)}'
             f'; Max-Age={SHOPPER_MAX_AGE}; Path=/; HttpOnly; SameSite=Lax')
     return shopper
+
+
+def _shopper_orders(node):
+    """The cookie's shopper's pairs. A request without a (valid) cookie
+    is a shopper with none: `[]`, and no cookie made for it."""
+    bottle.response.set_header('Cache-Control', 'no-store')
+    shopper = unsign(bottle.request.get_cookie(SHOPPER_COOKIE),
+                     node.cookie_key)
+    try:
+        rows = node.runner.read(shopper_orders, shopper) if shopper else []
+    except (OperationalError, InterfaceError) as e:  # a read, not a 500
+        raise Unavailable(str(e)) from None
+    return json_response(200, [
+        {'order_id': order_id, 'product_id': product_id,
+         'item_id': item_id, 'size': size,
+         'created_at': iso_moment(created)}
+        for order_id, product_id, item_id, size, created in rows])
 
 
 def _raw_header(name):
