@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import gevent
 import pytest
+from conftest import call
 from playwright.sync_api import expect, sync_playwright
 
 CHROMIUM = '/usr/bin/chromium'
@@ -106,6 +107,51 @@ def expect_out(page, item_id, timeout=LIVE):
 
 def expect_not_reloaded(page):
     assert page.evaluate(MARK) is True, 'the page was reloaded'
+
+
+def buy_button(page, product_id):
+    return card(page, product_id).locator('.product__buy')
+
+
+def choose(page, item_id):
+    """Tap a size: it is selected, and its card offers to buy it."""
+    size_button(page, item_id).click()
+    expect(size_button(page, item_id)).to_have_attribute('aria-pressed',
+                                                         'true')
+    button = page.locator('.product', has=size_button(page, item_id)) \
+        .locator('.product__buy')
+    expect(button).to_be_visible()
+    return button
+
+
+def buy_on_page(page, product_id, item):
+    """Select `item`, confirm; wait for "Yours" on the card."""
+    choose(page, item['id']).click()
+    expect_yours(page, product_id, item['size'])
+
+
+def expect_yours(page, product_id, size, timeout=LIVE):
+    expect(card(page, product_id).locator('.product__yours')).to_have_text(
+        re.compile(rf'^Yours: size {re.escape(size)}, order #\d+$'),
+        timeout=timeout)
+
+
+def orders_of_page(page, node):
+    """The page's shopper's orders, from the node (its cookie, not JS)."""
+    cookie = '; '.join(f"{c['name']}={c['value']}"
+                       for c in page.context.cookies(node.url))
+    status, _, orders = call(node.url, 'GET', '/api/orders',
+                             headers={'Cookie': cookie})
+    assert status == 200, orders
+    return orders
+
+
+def purchase_requests(page):
+    """A list that fills with every POST /api/purchase the page sends."""
+    sent = []
+    page.on('request', lambda request: sent.append(request)
+            if request.url.endswith('/api/purchase') else None)
+    return sent
 
 
 def buy_out(node, item_id):
@@ -220,23 +266,42 @@ def test_page_catches_up_on_what_it_missed(sqlite_node, open_page):
     expect_not_reloaded(page)
 
 
-def test_buying_from_the_page(sqlite_node, open_page):
+@pytest.mark.parametrize('viewport', [PHONE, LAPTOP],
+                         ids=['phone', 'laptop'])
+def test_one_tap_selects_and_only_the_confirm_buys(sqlite_node, open_page,
+                                                   viewport):
     node = sqlite_node
     node.release(2)
-    page = open_page(node)
+    page = open_page(node, viewport)
+    sent = purchase_requests(page)
     product = product_of(node, 2)
-    first, second = product['items'][4], product['items'][5]
-    assert first['level'] != 'out' and second['level'] != 'out'
-    status = card(page, 2).locator('.product__status')
-    size_button(page, first['id']).click()
-    expect(status).to_contain_text('is yours')
-    expect(status).to_contain_text(first['size'])
-    assert node.item(first['id'])['count'] == first['count'] - 1
-    size_button(page, second['id']).click()
-    expect(status).to_contain_text('one pair per shopper')
-    expect(status).not_to_contain_text('is yours')
-    assert node.item(second['id'])['count'] == second['count']
-    assert node.item(first['id'])['count'] == first['count'] - 1
+    first, second, third = product['items'][4:7]
+    assert 'out' not in {first['level'], second['level'], third['level']}
+    confirm = choose(page, first['id'])
+    confirm = choose(page, second['id'])     # a change of mind
+    expect(size_button(page, first['id'])).to_have_attribute(
+        'aria-pressed', 'false')
+    price = card(page, 2).locator('.product__price').inner_text()
+    expect(confirm).to_have_text(f'Buy size {second["size"]} · {price}')
+    assert sent == [] and orders_of_page(page, node) == []
+
+    confirm.click()
+
+    expect_yours(page, 2, second['size'])
+    [order] = orders_of_page(page, node)
+    assert (order['product_id'], order['item_id']) == (2, second['id'])
+    expect(card(page, 2).locator('.product__yours')).to_have_text(
+        f'Yours: size {second["size"]}, order #{order["order_id"]}')
+    expect(page.locator('#announcer')).to_contain_text('is yours')
+    expect(confirm).to_be_hidden()
+    assert len(sent) == 1
+    assert node.item(first['id'])['count'] == first['count']
+    assert node.item(second['id'])['count'] == second['count'] - 1
+    size_button(page, third['id']).click()      # one pair per drop
+    expect(card(page, 2).locator('.product__status')).to_contain_text(
+        'one pair per shopper')
+    expect(confirm).to_be_hidden()
+    assert len(sent) == 1 and len(orders_of_page(page, node)) == 1
     expect_not_reloaded(page)
 
 
@@ -260,16 +325,20 @@ def test_double_click_buys_one_pair_and_says_so(sqlite_node, open_page):
     page.on('request', sent)
     page.on('requestfinished', done)
     page.on('requestfailed', done)
-    size_button(page, item['id']).dblclick()
-    status = card(page, 2).locator('.product__status')
-    expect(status).not_to_have_text('')
+    size_button(page, item['id']).dblclick()    # selects, never buys
+    confirm = buy_button(page, 2)
+    expect(confirm).to_be_visible()
+    assert not answers and not pending
+    confirm.dblclick()
+    expect_yours(page, 2, item['size'])
     for _ in range(100):        # until every purchase request answered
         if answers and not pending:
             break
         page.wait_for_timeout(50)
     assert answers and not pending
     assert node.item(item['id'])['count'] == item['count'] - 1
-    expect(status).to_contain_text('yours')
+    assert len(orders_of_page(page, node)) == 1
+    status = card(page, 2).locator('.product__status')
     expect(status).not_to_contain_text('not yours')
 
 
@@ -341,13 +410,14 @@ def test_sales_paused_shows_and_goes(sqlite_node, open_page):
     expect(banner).to_contain_text('Sales paused')
     in_stock = next(i for i in product_of(node, 1)['items']
                     if i['count'] > 0)
-    size_button(page, in_stock['id']).click()
+    confirm = choose(page, in_stock['id'])
+    confirm.click()
     expect(card(page, 1).locator('.product__status')).to_contain_text(
         'sales are paused', timeout=LIVE)
     assert node.item(in_stock['id'])['count'] == in_stock['count']
     node.set_paused(False)
     expect(banner).to_contain_text('back on', timeout=LIVE)
-    size_button(page, in_stock['id']).click()
-    expect(card(page, 1).locator('.product__status')).to_contain_text(
-        'is yours', timeout=LIVE)
+    confirm.click()             # the size stays selected: try again
+    expect_yours(page, 1, in_stock['size'])
+    expect(card(page, 1).locator('.product__status')).to_have_text('')
     expect_not_reloaded(page)

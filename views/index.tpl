@@ -13,7 +13,21 @@
   <div class="connection" id="connection" data-state="connecting" role="status" aria-live="polite">Connecting…</div>
 </header>
 <p class="sales-banner" id="sales" role="status" aria-live="polite"{{!'' if paused else ' hidden'}}>{{'Sales paused: nothing can be bought right now. This page will say when sales resume.' if paused else ''}}</p>
+<p class="visually-hidden" id="announcer" role="status" aria-live="polite"></p>
 <main class="catalog">
+  <section class="your-pairs" id="your-pairs" aria-labelledby="your-pairs-title" hidden>
+    <h2 class="your-pairs__title" id="your-pairs-title">Your pairs</h2>
+    <ul class="your-pairs__list"></ul>
+  </section>
+  <div class="legend">
+    <p class="legend__title">Stock</p>
+    <ul class="legend__levels">
+      <li><span class="legend__mark legend__mark--high" aria-hidden="true">9</span>Plenty left</li>
+      <li><span class="legend__mark legend__mark--medium" aria-hidden="true">9</span>Selling fast</li>
+      <li><span class="legend__mark legend__mark--low" aria-hidden="true">9</span>Last pairs</li>
+      <li><span class="legend__mark legend__mark--out" aria-hidden="true">9</span>Sold out</li>
+    </ul>
+  </div>
   <ul class="product-grid">
   % for product in products:
     % include('product_card', product=product, price=price, iso=iso)
@@ -21,7 +35,7 @@
   </ul>
 </main>
 <footer class="site-footer">
-  <p>One pair per shopper per drop. Stock levels update live: high, medium, low, out.</p>
+  <p>One pair per shopper per drop. Stock levels update live: plenty left, selling fast, last pairs, sold out.</p>
 </footer>
 <script src="/static/app.js" defer></script>
 </body>
