@@ -307,7 +307,7 @@ async function buy(confirm) {
   if (!button || product.dataset.buying === 'true') return;  // one at a time
   product.dataset.buying = 'true';
   confirm.classList.add('product__buy--busy');
-  let message, retry = false;
+  let message, pair = null, retry = false;
   try {
     const response = await fetch('/api/purchase', {
       method: 'POST',
@@ -316,7 +316,7 @@ async function buy(confirm) {
     });
     const body = await response.json().catch(() => null);
     message = purchaseMessage(sizeOf(button), response.status, body);
-    if (response.status === 201) gotPair(body, sizeOf(button));
+    if (response.status === 201) pair = body;
     retry = response.status === 503;  // paused, or the database: same size
   } catch (error) {
     message = ['Could not reach the store. Check your connection.', false];
@@ -325,7 +325,10 @@ async function buy(confirm) {
     delete product.dataset.buying;
     confirm.classList.remove('product__buy--busy');
   }
-  if (!retry && selected === button && unselect()) {
+  const hadFocus = document.activeElement === confirm;
+  if (!retry && selected === button) unselect();
+  if (pair) gotPair(pair, sizeOf(button));
+  if (hadFocus && confirm.hidden) {
     (button.disabled ? product.querySelector('.product__status') : button)
       .focus();
   }

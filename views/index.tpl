@@ -15,6 +15,7 @@
 <p class="sales-banner" id="sales" role="status" aria-live="polite"{{!'' if paused else ' hidden'}}>{{'Sales paused: nothing can be bought right now. This page will say when sales resume.' if paused else ''}}</p>
 <p class="visually-hidden" id="announcer" role="status" aria-live="polite"></p>
 <main class="catalog">
+  <h1 class="visually-hidden">Live drops</h1>
   <section class="your-pairs" id="your-pairs" aria-labelledby="your-pairs-title" hidden>
     <h2 class="your-pairs__title" id="your-pairs-title">Your pairs</h2>
     <ul class="your-pairs__list"></ul>
