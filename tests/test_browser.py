@@ -632,8 +632,8 @@ def test_levels_are_told_apart_without_colour(sqlite_node, open_page):
     assert '"last"' in marks['low']
     legend = page.locator('.legend')
     expect(legend).to_be_visible()
-    expect(legend.locator('li')).to_have_text(
-        ['9Plenty left', '9Selling fast', '9Last pairs', '9Sold out'])
+    expect(legend.locator('.legend__level')).to_have_text(
+        ['9 Plenty left', '9 Selling fast', '9 Last pairs', '9 Sold out'])
 
 
 def test_the_live_region_speaks_of_the_shoppers_product(sqlite_node,

@@ -20,15 +20,13 @@
     <h2 class="your-pairs__title" id="your-pairs-title">Your pairs</h2>
     <ul class="your-pairs__list"></ul>
   </section>
-  <div class="legend">
-    <p class="legend__title">Stock</p>
-    <ul class="legend__levels">
-      <li><span class="legend__mark legend__mark--high" aria-hidden="true">9</span>Plenty left</li>
-      <li><span class="legend__mark legend__mark--medium" aria-hidden="true">9</span>Selling fast</li>
-      <li><span class="legend__mark legend__mark--low" aria-hidden="true">9</span>Last pairs</li>
-      <li><span class="legend__mark legend__mark--out" aria-hidden="true">9</span>Sold out</li>
-    </ul>
-  </div>
+  <p class="legend">
+    <span class="legend__title">Stock:</span>
+    <span class="legend__level"><span class="legend__mark legend__mark--high" aria-hidden="true">9</span> Plenty left</span>
+    <span class="legend__level"><span class="legend__mark legend__mark--medium" aria-hidden="true">9</span> Selling fast</span>
+    <span class="legend__level"><span class="legend__mark legend__mark--low" aria-hidden="true">9</span> Last pairs</span>
+    <span class="legend__level"><span class="legend__mark legend__mark--out" aria-hidden="true">9</span> Sold out</span>
+  </p>
   <ul class="product-grid">
   % for product in products:
     % include('product_card', product=product, price=price, iso=iso)
