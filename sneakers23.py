@@ -944,6 +944,18 @@ def product_orders(product_id):
                 .tuples())
 
 
+def shopper_orders(shopper):
+    """Every order of one shopper, oldest first:
+    (order_id, product_id, item_id, size, created_at)."""
+    return list(Order
+                .select(Order.id, Order.product, Order.item, Item.size,
+                        Order.created_at)
+                .join(Item)
+                .where(Order.shopper == shopper)
+                .order_by(Order.created_at, Order.id)
+                .tuples())
+
+
 def sales_paused():
     """(whether sales are paused, the version of that setting): a reload
     that read an older version must not undo a newer pause or resume."""
@@ -3029,8 +3041,8 @@ def ascii_id(text):
 
 
 def api_errors(node):
-    """Bottle plugin: an ApiError (or Unavailable) becomes its JSON
-    answer, counted for the once-a-second log."""
+    """Bottle plugin: an ApiError (or Unavailable, or a database error)
+    becomes its JSON answer, counted for the once-a-second log."""
     def plugin(callback):
         def wrapper(*args, **kwargs):
             try:
@@ -3039,8 +3051,9 @@ def api_errors(node):
                 node.answers.refusal(bottle.request.path, e.status, e.code)
                 return json_response(e.status, {'error': e.code},
                                      **e.headers)
-            except Unavailable as e:
-                # COMMIT sent, answer lost: say so, never guess
+            except (Unavailable, OperationalError, InterfaceError) as e:
+                # a database that failed a read is away, not a 500; a
+                # COMMIT sent and its answer lost: say so, never guess
                 code = ('outcome_unknown' if isinstance(e, OutcomeUnknown)
                         else 'unavailable')
                 node.answers.refusal(bottle.request.path, 503, code, str(e))
@@ -3232,6 +3245,7 @@ def _routes(app, node):
     app.route('/api/products', 'GET', lambda: _products(node))
     app.route('/events', 'GET', lambda: _events(node))
     app.route('/api/purchase', 'POST', lambda: _purchase(node))
+    app.route('/api/orders', 'GET', lambda: _shopper_orders(node))
     app.route('/admin/api/products/<product_id>/release', 'POST',
               lambda product_id: _release(node, path_id(product_id)))
     app.route('/admin/api/items/<item_id>/restock', 'POST',
@@ -3319,6 +3333,20 @@ def _shopper(node):
             'Set-Cookie', f'{SHOPPER_COOKIE}={sign(shopper, node.cookie_key)}'
             f'; Max-Age={SHOPPER_MAX_AGE}; Path=/; HttpOnly; SameSite=Lax')
     return shopper
+
+
+def _shopper_orders(node):
+    """The cookie's shopper's pairs. A request without a (valid) cookie
+    is a shopper with none: `[]`, and no cookie made for it."""
+    bottle.response.set_header('Cache-Control', 'no-store')
+    shopper = unsign(bottle.request.get_cookie(SHOPPER_COOKIE),
+                     node.cookie_key)
+    rows = node.runner.read(shopper_orders, shopper) if shopper else []
+    return json_response(200, [
+        {'order_id': order_id, 'product_id': product_id,
+         'item_id': item_id, 'size': size,
+         'created_at': iso_moment(created)}
+        for order_id, product_id, item_id, size, created in rows])
 
 
 def _raw_header(name):

@@ -1,10 +1,12 @@
 // sneakers23 in the browser: one EventSource for the whole page, one place
-// (HANDLERS) that maps an event to a DOM change, and the purchase buttons.
+// (HANDLERS) that maps an event to a DOM change, and buying in two steps:
+// a size button selects the size, the card's "Buy size 9 · $120.00"
+// button buys it. The shopper's own pairs come from GET /api/orders.
 'use strict';
 
 const LEVEL_CLASS = 'size-container__entry--level-';
 const LEVEL_WORDS = {
-  high: 'plenty left', medium: 'selling fast', low: 'almost gone',
+  high: 'plenty left', medium: 'selling fast', low: 'last pairs',
   out: 'sold out',
 };
 const PURCHASE_WORDS = {
@@ -28,13 +30,62 @@ function sizeButton(itemId) {
   return document.querySelector(`.size-container__entry[value="${itemId}"]`);
 }
 
+function sizeOf(button) {
+  return button.textContent.trim();
+}
+
+function nameOf(product) {
+  return product.querySelector('.product__name').textContent.trim();
+}
+
+// The one polite live region: purchase results and changes to the
+// product the shopper is on, never every stock change in the store.
+function announce(text) {
+  const el = document.getElementById('announcer');
+  // The same words twice must be heard twice: make the text differ.
+  el.textContent = el.textContent === text ? `${text}\u00a0` : text;
+}
+
+// The product the shopper is on: the last card they focused or touched.
+let currentProductId = null;
+// Buying takes two steps: a size button selects (aria-pressed), the
+// card's buy button confirms. One size is selected on the page at most.
+let selected = null;
+
+function noteCurrent(event) {
+  const product = event.target.closest && event.target.closest('.product');
+  if (product) currentProductId = product.dataset.productId;
+}
+
+function isCurrent(product) {
+  return product.dataset.productId === currentProductId;
+}
+
 function setLevel(button, level) {
-  for (const cls of [...button.classList]) {
-    if (cls.startsWith(LEVEL_CLASS)) button.classList.remove(cls);
-  }
+  const was = [...button.classList].find((c) => c.startsWith(LEVEL_CLASS));
+  if (was) button.classList.remove(was);
   button.classList.add(LEVEL_CLASS + level);
   button.disabled = level === 'out';
-  button.title = `Size ${button.textContent.trim()}: ${LEVEL_WORDS[level]}`;
+  button.setAttribute('aria-label',
+      `Size ${sizeOf(button)}, ${LEVEL_WORDS[level]}`);
+  showSoldOut(button.closest('.product'));
+  if (level === 'out' && selected === button) lostSelection(button);
+}
+
+// "Sold out" on a released card whose every size is out; a refusal
+// said earlier on that card is stale then.
+function showSoldOut(product) {
+  const sizes = product.querySelectorAll('.size-container__entry');
+  const out = sizes.length > 0 && [...sizes].every((b) => b.disabled);
+  const was = product.classList.contains('product--sold-out');
+  product.classList.toggle('product--sold-out', out);
+  product.querySelector('.product__sold-out').textContent =
+    out ? 'Sold out' : '';
+  if (out && !was) {
+    const status = product.querySelector('.product__status');
+    if (status.classList.contains('product__status--error')) say(product, '');
+    if (isCurrent(product)) announce(`${nameOf(product)} is sold out.`);
+  }
 }
 
 function showSizes(productId, html) {
@@ -46,6 +97,10 @@ function showSizes(productId, html) {
   product.classList.remove('product--scheduled');
   product.classList.add('product--just-released');
   setTimeout(() => product.classList.remove('product--just-released'), 2000);
+  showSoldOut(product);
+  if (isCurrent(product)) {
+    announce(`${nameOf(product)} is out now: pick your size.`);
+  }
 }
 
 function setSchedule(productId, releaseAt) {
@@ -186,8 +241,8 @@ function connect() {
 function say(product, text, ok) {
   const status = product.querySelector('.product__status');
   status.textContent = text;
-  status.classList.toggle('product__status--ok', ok);
-  status.classList.toggle('product__status--error', !ok);
+  status.classList.toggle('product__status--ok', Boolean(text) && ok);
+  status.classList.toggle('product__status--error', Boolean(text) && !ok);
 }
 
 function purchaseMessage(size, status, body) {
@@ -199,12 +254,60 @@ function purchaseMessage(size, status, body) {
   return [`Size ${size} could not be bought right now. Try again.`, false];
 }
 
-async function buy(button) {
+function buyButton(product) {
+  return product.querySelector('.product__buy');
+}
+
+function select(button) {
   const product = button.closest('.product');
-  const size = button.textContent.trim();
-  if (product.dataset.buying === 'true') return;  // one purchase at a time
+  const own = ownOrder(product.dataset.productId);
+  if (own) {
+    say(product, `You already have size ${own.size} of this drop ` +
+      `(order #${own.order_id}): one pair per shopper per drop.`, false);
+    return;
+  }
+  if (selected !== button) unselect();
+  selected = button;
+  button.setAttribute('aria-pressed', 'true');
+  const price = product.querySelector('.product__price').textContent.trim();
+  const confirm = buyButton(product);
+  confirm.textContent = `Buy size ${sizeOf(button)} · ${price}`;
+  confirm.hidden = false;
+  say(product, '');
+}
+
+// Forget the selection; whether its buy button had the focus.
+function unselect() {
+  if (!selected) return false;
+  const confirm = buyButton(selected.closest('.product'));
+  const hadFocus = document.activeElement === confirm;
+  selected.setAttribute('aria-pressed', 'false');
+  confirm.hidden = true;
+  confirm.textContent = '';
+  selected = null;
+  return hadFocus;
+}
+
+// The selected size sold out before the shopper confirmed.
+function lostSelection(button) {
+  const product = button.closest('.product');
+  const hadFocus = unselect();
+  const sizes = product.querySelectorAll('.size-container__entry');
+  const next = [...sizes].some((b) => !b.disabled) ?
+    'Pick another size.' : 'Every size is sold out now.';
+  const text = `Size ${sizeOf(button)} sold out before you confirmed. ${next}`;
+  say(product, text, false);
+  announce(text);
+  if (hadFocus) product.querySelector('.product__status').focus();
+}
+
+async function buy(confirm) {
+  const product = confirm.closest('.product');
+  const button = selected;
+  if (!button || product.dataset.buying === 'true') return;  // one at a time
   product.dataset.buying = 'true';
-  button.classList.add('size-container__entry--busy');
+  confirm.classList.add('product__buy--busy');
+  let message, pair = null, retry = false;
   try {
     const response = await fetch('/api/purchase', {
       method: 'POST',
@@ -212,21 +315,114 @@ async function buy(button) {
       body: JSON.stringify({item_id: Number(button.value)}),
     });
     const body = await response.json().catch(() => null);
-    say(product, ...purchaseMessage(size, response.status, body));
+    message = purchaseMessage(sizeOf(button), response.status, body);
+    if (response.status === 201) pair = body;
+    retry = response.status === 503;  // paused, or the database: same size
   } catch (error) {
-    say(product, 'Could not reach the store. Check your connection.', false);
+    message = ['Could not reach the store. Check your connection.', false];
+    retry = true;
   } finally {
     delete product.dataset.buying;
-    button.classList.remove('size-container__entry--busy');
+    confirm.classList.remove('product__buy--busy');
+  }
+  const hadFocus = document.activeElement === confirm;
+  if (!retry && selected === button) unselect();
+  if (pair) gotPair(pair, sizeOf(button));
+  if (hadFocus && confirm.hidden) {
+    (button.disabled ? product.querySelector('.product__status') : button)
+      .focus();
+  }
+  // A pair bought shows as "Yours" on the card: no second message there.
+  say(product, ...(message[1] ? [''] : message));
+  announce(message[0]);
+}
+
+// ---- the shopper's own pairs (GET /api/orders) ----
+
+let orders = [];
+let ordersAsked = 0;
+// Other tabs of this browser hear of a purchase at once; a tab coming
+// back to the front (focus, visibilitychange) asks the server again,
+// which also covers a purchase made on another node or device.
+const otherTabs = 'BroadcastChannel' in window ?
+  new BroadcastChannel('sneakers23-orders') : null;
+
+function ownOrder(productId) {
+  return orders.find((o) => String(o.product_id) === String(productId));
+}
+
+async function loadOrders() {
+  const asked = ++ordersAsked;
+  try {
+    const response = await fetch('/api/orders', {cache: 'no-store'});
+    if (!response.ok) return;
+    const body = await response.json();
+    if (asked !== ordersAsked) return;  // a newer answer is on its way
+    orders = body;
+    showOrders();
+  } catch (error) {
+    // offline: keep what the page shows
   }
 }
 
+function gotPair(order, size) {
+  orders = [...orders.filter((o) => o.order_id !== order.order_id),
+    {...order, size}];
+  showOrders();
+  if (otherTabs) otherTabs.postMessage('orders');
+  loadOrders();
+}
+
+function showOrders() {
+  for (const product of document.querySelectorAll('.product')) {
+    const own = ownOrder(product.dataset.productId);
+    product.classList.toggle('product--yours', Boolean(own));
+    product.querySelector('.product__yours').textContent = own ?
+      `Yours: size ${own.size}, order #${own.order_id}` : '';
+  }
+  if (selected && ownOrder(selected.closest('.product').dataset.productId)) {
+    unselect();
+  }
+  const shown = orders.filter((o) => card(o.product_id));
+  document.querySelector('.your-pairs__list').replaceChildren(
+    ...shown.map(pairEntry));
+  document.getElementById('your-pairs').hidden = shown.length === 0;
+}
+
+function pairEntry(order) {
+  const product = card(order.product_id);
+  const link = document.createElement('a');
+  link.href = `#${product.id}`;
+  link.textContent = nameOf(product);
+  const entry = document.createElement('li');
+  entry.append(link, ` · size ${order.size} · order #${order.order_id}`);
+  return entry;
+}
+
 document.addEventListener('click', (event) => {
-  const button = event.target.closest('.size-container__entry');
-  if (button && !button.disabled) buy(button);
+  const size = event.target.closest('.size-container__entry');
+  if (size && !size.disabled) select(size);
+  const confirm = event.target.closest('.product__buy');
+  if (confirm) buy(confirm);
 });
 
+document.addEventListener('keydown', (event) => {
+  if (event.key !== 'Escape' || !selected) return;
+  const button = selected;
+  unselect();
+  button.focus();
+});
+
+document.addEventListener('focusin', noteCurrent);
+document.addEventListener('pointerdown', noteCurrent);
+document.addEventListener('visibilitychange', () => {
+  if (document.visibilityState === 'visible') loadOrders();
+});
+window.addEventListener('focus', () => loadOrders());
+if (otherTabs) otherTabs.addEventListener('message', () => loadOrders());
+
 connect();
+loadOrders();
 syncClock();
 tick();
 setInterval(tick, 250);

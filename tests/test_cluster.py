@@ -145,13 +145,14 @@ def release_and_converge(node, cluster, product_id):
 
 
 class Cluster:
-    """Three nodes a, b, c of one `peers.toml` on one database."""
+    """Nodes of one `peers.toml` on one database: a, b and c unless
+    `names` says otherwise."""
 
-    def __init__(self, tmp_path, db_url, public_keys=None):
-        self.tmp_path, self.db_url = tmp_path, db_url
-        self.http = {name: free_port() for name in NAMES}
+    def __init__(self, tmp_path, db_url, public_keys=None, names=NAMES):
+        self.tmp_path, self.db_url, self.names = tmp_path, db_url, names
+        self.http = {name: free_port() for name in names}
         self.replication = {name: f'tcp://127.0.0.1:{free_port()}'
-                            for name in NAMES}
+                            for name in names}
         self.public_keys = public_keys
         self.config = self.write_config(tmp_path / 'peers.toml',
                                         public_keys)
@@ -160,7 +161,7 @@ class Cluster:
 
     def write_config(self, path, public_keys=None):
         lines = [f'database = {json.dumps(self.db_url)}', '']
-        for name in NAMES:
+        for name in self.names:
             lines += [f'[nodes.{name}]',
                       f'http = "127.0.0.1:{self.http[name]}"',
                       f'replication = "{self.replication[name]}"']
@@ -181,10 +182,10 @@ class Cluster:
         return node
 
     def start(self, env=None, wait=True):
-        """Start a, b and c at once; wait until every peer is heard."""
+        """Start every node at once; wait until every peer is heard."""
         env = env or {}
         self.nodes = {name: self.process(name, env=env.get(name))
-                      for name in NAMES}
+                      for name in self.names}
         jobs = [gevent.spawn(node.start) for node in self.nodes.values()]
         gevent.joinall(jobs, raise_error=True)
         if wait:
@@ -194,7 +195,7 @@ class Cluster:
     def all_connected(self):
         for name, node in self.nodes.items():
             peers = health(node)['peers']
-            if set(peers) != set(NAMES) - {name} or any(
+            if set(peers) != set(self.names) - {name} or any(
                     p['state'] != 'connected' for p in peers.values()):
                 return False
         return True

@@ -1172,3 +1172,93 @@ def test_a_schedule_cancelled_elsewhere_is_not_released(app_server):
                'memory learns the schedule was cancelled')
     assert db_rows(db_url, 'SELECT released, release_at FROM product '
                            'WHERE id = 3') == [(0, None)]
+
+
+# ---------------------------------------------------------------------------
+# A shopper's orders (GET /api/orders)
+# ---------------------------------------------------------------------------
+
+def shopper_cookie(headers):
+    """The `name=value` of a Set-Cookie answer, for the next request."""
+    return headers['set-cookie'].split(';')[0]
+
+
+def orders_of_shopper(url, cookie=None):
+    status, headers, body = call(url, 'GET', '/api/orders',
+                                 headers={'Cookie': cookie} if cookie
+                                 else {})
+    assert status == 200, body
+    assert headers['cache-control'] == 'no-store'
+    assert 'set-cookie' not in headers  # asking makes no shopper
+    return body
+
+
+def test_orders_are_the_shoppers_own_from_the_database(node, db_url):
+    node.release(1)
+    node.release(2)
+    one, two = (low_stock_item(node, p) for p in (1, 2))
+    status, headers, first = node.post('/api/purchase',
+                                       {'item_id': one['id']})
+    assert status == 201
+    me = shopper_cookie(headers)
+    status, _, second = node.post('/api/purchase', {'item_id': two['id']},
+                                  headers={'Cookie': me})
+    assert status == 201
+    status, headers, other = node.post('/api/purchase',
+                                       {'item_id': one['id']})
+    assert status == 201
+    someone = shopper_cookie(headers)
+
+    mine = orders_of_shopper(node.url, me)
+
+    assert [(o['order_id'], o['product_id'], o['item_id'], o['size'])
+            for o in mine] == [
+        (first['order_id'], 1, one['id'], one['size']),
+        (second['order_id'], 2, two['id'], two['size'])]
+    rows = dict(db_rows(db_url, 'SELECT id, created_at FROM orders'))
+    for order in mine:
+        moment = datetime.fromisoformat(order['created_at'])
+        assert order['created_at'].endswith('Z')
+        assert moment.tzinfo == UTC
+        stored = rows[order['order_id']]
+        if isinstance(stored, str):     # SQLite keeps text
+            stored = datetime.fromisoformat(stored)
+        assert moment.replace(tzinfo=None) == stored
+    assert [o['order_id'] for o in orders_of_shopper(node.url, someone)] \
+        == [other['order_id']]
+
+
+def test_orders_without_a_shopper_are_none(sqlite_node):
+    node = sqlite_node
+    node.release(1)
+    status, headers, _ = node.post(
+        '/api/purchase', {'item_id': low_stock_item(node, 1)['id']})
+    assert status == 201
+    name, value = shopper_cookie(headers).split('=', 1)
+    shopper, _, mac = value.rpartition('.')
+    assert orders_of_shopper(node.url) == []
+    for cookie in (f'{name}=someone-else.{mac}', f'{name}={shopper}.',
+                   f'{name}={shopper}', f'{name}="\xe9.abc"'):
+        assert orders_of_shopper(node.url, cookie) == [], cookie
+    assert len(orders_of_shopper(node.url, f'{name}={value}')) == 1
+
+
+def test_orders_answer_503_when_the_database_fails(app_server, monkeypatch):
+    server = app_server()
+    server.node.writes.release(1)
+    item = next(i for i in server.node.inventory.products[1].items
+                if i.count > 0)
+    status, headers, _ = call(server.url, 'POST', '/api/purchase',
+                              {'item_id': item.id})
+    assert status == 201
+    cookie = shopper_cookie(headers)
+
+    def broken(*args):
+        raise sneakers23.OperationalError('disk I/O error')
+    monkeypatch.setattr(server.node.runner, 'read', broken)
+    status, headers, body = call(server.url, 'GET', '/api/orders',
+                                 headers={'Cookie': cookie})
+    assert (status, body) == (503, {'error': 'unavailable'})
+    assert headers['retry-after'] == '1'
+    monkeypatch.undo()
+    assert len(orders_of_shopper(server.url, cookie)) == 1

@@ -1,6 +1,8 @@
 % scheduled = product.release_at and not product.released
-<li class="product" data-product-id="{{product.id}}" data-released="{{'true' if product.released else 'false'}}" data-release-at="{{iso(product.release_at) if scheduled else ''}}">
+% sold_out = product.released and all(item.level == 'out' for item in product.items)
+<li class="product{{' product--sold-out' if sold_out else ''}}" id="product-{{product.id}}" data-product-id="{{product.id}}" data-released="{{'true' if product.released else 'false'}}" data-release-at="{{iso(product.release_at) if scheduled else ''}}">
   <img class="product__image" src="/static/{{product.image}}" alt="{{product.name}} in {{product.color}}" width="400" height="260">
+  <p class="product__sold-out">{{'Sold out' if sold_out else ''}}</p>
   <div class="product__body">
     <p class="product__brand">{{product.brand}}</p>
     <h2 class="product__name">{{product.name}}</h2>
@@ -14,6 +16,8 @@
       <p class="countdown" aria-live="off"></p>
     % end
     </div>
-    <p class="product__status" role="status" aria-live="polite"></p>
+    <button type="button" class="product__buy" hidden></button>
+    <p class="product__yours"></p>
+    <p class="product__status" tabindex="-1"></p>
   </div>
 </li>
