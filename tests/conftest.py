@@ -331,6 +331,101 @@ def wait_until(check, timeout=5.0, message='condition', interval=0.01):
 
 
 # ---------------------------------------------------------------------------
+# A cluster of real nodes sharing one database
+# ---------------------------------------------------------------------------
+
+NAMES = ('a', 'b', 'c')
+
+
+def seed_database(url):
+    """Create and seed the tables once, before any node starts."""
+    database = sneakers23.open_database(url)
+    sneakers23.db.initialize(database)
+    try:
+        with database.connection_context():
+            assert sneakers23.seed(sneakers23.CATALOG_PATH) > 0
+    finally:
+        if hasattr(database, 'close_all'):
+            database.close_all()
+
+
+def health(node):
+    status, _, answer = node.get('/healthz')
+    assert status == 200, answer
+    return answer
+
+
+class Cluster:
+    """Nodes (a, b and c unless `names` says) of one `peers.toml` on one
+    database."""
+
+    def __init__(self, tmp_path, db_url, public_keys=None, names=NAMES):
+        self.tmp_path, self.db_url = tmp_path, db_url
+        self.names = tuple(names)
+        self.http = {name: free_port() for name in self.names}
+        self.replication = {name: f'tcp://127.0.0.1:{free_port()}'
+                            for name in self.names}
+        self.public_keys = public_keys
+        self.config = self.write_config(tmp_path / 'peers.toml',
+                                        public_keys)
+        self.nodes = {}
+        self.processes = []     # everything started, stopped at the end
+
+    def write_config(self, path, public_keys=None):
+        lines = [f'database = {json.dumps(self.db_url)}', '']
+        for name in self.names:
+            lines += [f'[nodes.{name}]',
+                      f'http = "127.0.0.1:{self.http[name]}"',
+                      f'replication = "{self.replication[name]}"']
+            if public_keys:
+                lines.append(f'public_key = "{public_keys[name]}"')
+            lines.append('')
+        path.write_text('\n'.join(lines))
+        return path
+
+    def process(self, name, config=None, db_url=None, port=None, env=None):
+        """A node process of this cluster (not started yet)."""
+        node = NodeProcess(db_url or self.db_url,
+                           port=port or self.http[name],
+                           args=['--config', str(config or self.config),
+                                 '--node', name], env=env)
+        node.name = name
+        self.processes.append(node)
+        return node
+
+    def start(self, env=None, wait=True):
+        """Start every node at once; wait until every peer is heard."""
+        env = env or {}
+        self.nodes = {name: self.process(name, env=env.get(name))
+                      for name in self.names}
+        jobs = [gevent.spawn(node.start) for node in self.nodes.values()]
+        gevent.joinall(jobs, raise_error=True)
+        if wait:
+            return self.wait_connected()
+        return None
+
+    def all_connected(self):
+        for name, node in self.nodes.items():
+            peers = health(node)['peers']
+            if set(peers) != set(self.names) - {name} or any(
+                    p['state'] != 'connected' for p in peers.values()):
+                return False
+        return True
+
+    def wait_connected(self, timeout=6):
+        began = time.monotonic()
+        wait_until(self.all_connected, timeout,
+                   'every node hears its peers', interval=0.05)
+        return time.monotonic() - began
+
+    def close(self):
+        for node in self.processes:
+            if node.proc and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGCONT)   # if paused
+            node.stop()
+
+
+# ---------------------------------------------------------------------------
 # Rows and in-process nodes
 # ---------------------------------------------------------------------------
 
