@@ -82,7 +82,10 @@ def sqlite_url(tmp_path):
 
 
 def call(url, method, path, body=None, headers=None, raw=None):
-    """One HTTP request: (status, headers dict, parsed JSON or bytes)."""
+    """One HTTP request: (status, headers dict, parsed JSON or bytes).
+
+    Header names are lower case; `set-cookies` lists every Set-Cookie
+    (`set-cookie` holds only the last one)."""
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     headers = dict(headers or {})
@@ -94,6 +97,7 @@ def call(url, method, path, body=None, headers=None, raw=None):
         answer = conn.getresponse()
         data = answer.read()
         got = {k.lower(): v for k, v in answer.getheaders()}
+        got['set-cookies'] = answer.msg.get_all('Set-Cookie') or []
     finally:
         conn.close()
     if got.get('content-type', '').startswith('application/json'):
@@ -423,6 +427,80 @@ class Cluster:
             if node.proc and node.proc.poll() is None:
                 node.proc.send_signal(signal.SIGCONT)   # if paused
             node.stop()
+
+
+# ---------------------------------------------------------------------------
+# Pages in a real browser (headless Debian chromium, Playwright)
+# ---------------------------------------------------------------------------
+
+import re
+
+from playwright.sync_api import expect, sync_playwright
+
+CHROMIUM = '/usr/bin/chromium'
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu',
+                 '--disable-background-networking',
+                 '--disable-component-update', '--disable-sync']
+LIVE = 5_000          # ms: an event on an open stream reaches the page
+LEVEL = 'size-container__entry--level-'
+MARK = 'window.__sneakers23_no_reload'
+
+LAPTOP = {'width': 1280, 'height': 800}
+
+
+@pytest.fixture(scope='module')
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f'{CHROMIUM} is missing (apt-get install chromium)')
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                             args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    """`open_page(node, viewport=None, path='/', cookies=())`: a fresh
+    browser context (a shopper, or with `cookies` an operator) on a page
+    of the node, the store page unless `path` says.
+
+    Waits until the page says it is live and marks the window, so a test
+    can tell later that the page was never reloaded. Uncaught JavaScript
+    errors fail the test.
+    """
+    contexts, errors = [], []
+
+    def open_(node, viewport=None, path='/', cookies=()):
+        context = browser.new_context(viewport=viewport or LAPTOP)
+        contexts.append(context)
+        if cookies:
+            context.add_cookies(list(cookies))
+        page = context.new_page()
+        page.on('pageerror', lambda error: errors.append(error))
+        page.goto(node.url + path)
+        expect(page.locator('#connection')).to_have_attribute(
+            'data-state', 'live', timeout=LIVE)
+        page.evaluate(f'{MARK} = true')
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+    assert not errors, f'JavaScript errors on the page: {errors}'
+
+
+def card(page, product_id):
+    return page.locator(f'.product[data-product-id="{product_id}"]')
+
+
+def size_button(page, item_id):
+    return page.locator(f'.size-container__entry[value="{item_id}"]')
+
+
+def level_class(level):
+    """Matches the button's class attribute when it shows `level`."""
+    return re.compile(rf'(^|\s){re.escape(LEVEL + level)}(\s|$)')
 
 
 # ---------------------------------------------------------------------------
