@@ -461,17 +461,17 @@ def browser():
 
 @pytest.fixture
 def open_page(browser):
-    """`open_page(node, viewport=None, path='/', cookies=())`: a fresh
-    browser context (a shopper, or with `cookies` an operator) on a page
-    of the node, the store page unless `path` says.
+    """`open_page(node, viewport=None, path='/', cookies=(), live=True)`:
+    a fresh browser context (a shopper, or with `cookies` an operator) on
+    a page of the node, the store page unless `path` says.
 
-    Waits until the page says it is live and marks the window, so a test
-    can tell later that the page was never reloaded. Uncaught JavaScript
-    errors fail the test.
+    Waits until the page says it is live (unless `live` is false) and
+    marks the window, so a test can tell later that the page was never
+    reloaded. Uncaught JavaScript errors fail the test.
     """
     contexts, errors = [], []
 
-    def open_(node, viewport=None, path='/', cookies=()):
+    def open_(node, viewport=None, path='/', cookies=(), live=True):
         context = browser.new_context(viewport=viewport or LAPTOP)
         contexts.append(context)
         if cookies:
@@ -479,8 +479,9 @@ def open_page(browser):
         page = context.new_page()
         page.on('pageerror', lambda error: errors.append(error))
         page.goto(node.url + path)
-        expect(page.locator('#connection')).to_have_attribute(
-            'data-state', 'live', timeout=LIVE)
+        if live:
+            expect(page.locator('#connection')).to_have_attribute(
+                'data-state', 'live', timeout=LIVE)
         page.evaluate(f'{MARK} = true')
         return page
 
