@@ -39,7 +39,7 @@ import sys
 import time
 import tomllib
 import urllib.parse
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
@@ -105,6 +105,8 @@ LEVEL_THRESHOLDS = ((150, 'low'), (500, 'medium'))
 
 SHOPPER_COOKIE = 's23_shopper'
 SHOPPER_MAX_AGE = 90 * 24 * 3600
+ADMIN_COOKIE = 's23_admin'
+ADMIN_SESSION_AGE = 12 * 3600   # s a dashboard sign-in lasts
 MAX_BODY = 4096
 MAX_RESTOCK = 1_000_000
 MAX_STOCK = 1_000_000_000   # fits a 32-bit integer column on every database
@@ -140,6 +142,8 @@ PEER_REDIAL_AFTER = 3.0
 PEER_REDIAL_INTERVAL = 2.0
 PRESENCE_FRESH = 5.0        # a peer's figures older than this: node gone
 SALES_WINDOW = 10           # s of orders behind `sales_per_s`
+DASHBOARD_INTERVAL = 1.0    # s between the dashboards' overviews
+DASHBOARD_HISTORY = 300     # s of sales the dashboard's chart opens with
 ZMQ_HEARTBEAT_MS = 1000
 ZAP_ENDPOINT = 'inproc://zeromq.zap.01'
 
@@ -902,6 +906,14 @@ def order_counts(since):
                        .tuples())}
 
 
+def recent_sales(since):
+    """(product_id, created_at) of every order since `since`."""
+    return list(Order
+                .select(Order.product, Order.created_at)
+                .where(Order.created_at >= since)
+                .tuples())
+
+
 def product_orders(product_id):
     """Every order of one product, oldest first:
     (order_id, item_id, size, node, created_at)."""
@@ -1620,7 +1632,7 @@ class EventHub:
     with `Last-Event-ID` and gets what it missed, or a snapshot.
     """
 
-    def __init__(self, inventory, buffer_size=SSE_BUFFER):
+    def __init__(self, inventory, buffer_size=SSE_BUFFER, name='fan-out'):
         self.inventory = inventory
         self.epoch = format(int(time.time() * 1000), 'x')
         self.seq = 0
@@ -1633,7 +1645,7 @@ class EventHub:
         self._sending, self._closing = False, []
         self._openings = {}   # (seq, cursor, products) -> shared bytes
         self.published = Counter()   # events by name
-        self.loops = [Loop('fan-out', self._fan_out_next)]
+        self.loops = [Loop(name, self._fan_out_next)]
 
     @property
     def last_event_id(self):
@@ -1914,6 +1926,53 @@ class EventHub:
         if cut_off:
             self.cut_off += 1
             logger.info('cut off an SSE client that stopped reading')
+
+
+class DashboardHub(EventHub):
+    """The operator dashboards' streams: written like the shoppers'
+    (bounded, no greenlet each), fed an `overview` every second while
+    one is open, opened with the last minutes of sales for the chart.
+
+    `overview()` is the store's overview with `sold` per product;
+    `history()` the sales per second behind the chart.
+    """
+
+    def __init__(self, inventory, overview, history):
+        super().__init__(inventory, buffer_size=8, name='dashboard-fan-out')
+        self.overview, self.history = overview, history
+        self._sold = None   # (epoch s, {product_id: sold}) of the last one
+        self.loops.append(Loop('dashboard', self._tick, DASHBOARD_INTERVAL))
+
+    def _tick(self):
+        if not self._streams:
+            self._sold = None
+            return
+        self.publish('overview', None, self._current())
+
+    def _current(self):
+        """The overview with `at` and `sold_per_s` since the last one."""
+        view, at = self.overview(), time.time()
+        sold = {p['id']: p['sold'] for p in view['products']}
+        rates = {}
+        if self._sold is not None:
+            before, sold_before = self._sold
+            for pid, count in sold.items():
+                earlier = sold_before.get(pid)
+                rates[str(pid)] = (None if count is None or earlier is None
+                                   else round(max(0, count - earlier)
+                                              / max(at - before, 0.001), 2))
+        self._sold = (at, sold)
+        return {**view, 'at': round(at, 3), 'sold_per_s': rates}
+
+    def opening(self, products=None, last_event_id=None):
+        """`retry:`, the chart's history and the overview now (a
+        dashboard that reconnects gets the same: nothing to replay)."""
+        head = f'retry: {SSE_RETRY_MS}\n\n'.encode()
+        history = format_event('history', self.history(), self.last_event_id)
+        view = self.overview()
+        view = {**view, 'at': round(time.time(), 3), 'sold_per_s': {}}
+        return self.seq, head + history + format_event(
+            'overview', view, self.last_event_id)
 
 
 # ---------------------------------------------------------------------------
@@ -2654,6 +2713,8 @@ class Node:
         self.inventory = Inventory()
         self.hub = EventHub(self.inventory)
         self.inventory.listen(self.hub.on_inventory)
+        self.dashboards = DashboardHub(self.inventory, self.dashboard_view,
+                                       self.sales_history)
         self.writes = WritePath(self.runner, self.inventory, config.node)
         self.scheduler = Scheduler(self.inventory, self.writes)
         self.replicator = None
@@ -2678,6 +2739,7 @@ class Node:
                         deadline=time.monotonic() + 60)
         self.writes.load()
         self.hub.start()
+        self.dashboards.start()
         if self.replicator:
             self.replicator.start()
         for loop in (self.lag, self.answers, self.housekeeping,
@@ -2698,11 +2760,13 @@ class Node:
         if self.replicator:
             self.replicator.stop()
         self.hub.stop()
+        self.dashboards.stop()
         self.writes.stop()
 
     def loops(self):
         """Every background loop of the node, by name."""
-        parts = [self.runner, self.writes, self.hub, self.replicator]
+        parts = [self.runner, self.writes, self.hub, self.dashboards,
+                 self.replicator]
         loops = [loop for part in parts if part for loop in part.loops]
         loops += [self.lag.loop, self.answers.loop, self.housekeeping,
                   self.scheduler.loop]
@@ -2738,22 +2802,56 @@ class Node:
                 'hub_lag_ms': self.lag.stats()['max_10s'],
                 'peers': {name: peer['state']
                           for name, peer in peers.items()},
+                'peer_lag_ms': {name: peer['lag_ms']
+                                for name, peer in peers.items()},
                 'db': self.runner.state}
 
-    def overview(self):
+    def overview(self, fresh=False):
         """The operator's view of the whole store: every live node of the
-        cluster, every product with what it sold."""
+        cluster, every product with what it sold (read from the database
+        at most once a second, or now when `fresh`)."""
         nodes = {self.config.node: self.presence()}
         now = time.monotonic()
         for name, state in (self.replicator.peers.items()
                             if self.replicator else ()):
             if state.presence and now - state.presence_at < PRESENCE_FRESH:
                 nodes[name] = state.presence
-        sales = self.cached('sales', int(now), self._order_counts)
+        sales = (self._order_counts() if fresh
+                 else self.cached('sales', int(now), self._order_counts))
         return {'paused': self.inventory.paused,
                 'nodes': dict(sorted(nodes.items())),
                 'products': [_product_overview(p, sales)
                              for p in self.inventory.ordered()]}
+
+    def dashboard_view(self):
+        """The overview as the dashboard shows it each second: sold read
+        now (its rate is taken between two of these), and every product's
+        name, price and sizes."""
+        view = self.overview(fresh=True)
+        for entry in view['products']:
+            product = self.inventory.products[entry['id']]
+            entry.update(name=product.name, price_cents=product.price_cents,
+                         items=[item.as_json() for item in product.items])
+        view['now'] = iso_moment(utcnow().replace(microsecond=0))
+        return view
+
+    def sales_history(self):
+        """Pairs sold per product per second over the last
+        DASHBOARD_HISTORY seconds, from the orders (empty while the
+        database is away)."""
+        now = int(time.time())
+        since = utcnow() - timedelta(seconds=DASHBOARD_HISTORY)
+        try:
+            rows = self.runner.read(recent_sales, since)
+        except Unavailable:
+            rows = []
+        series = defaultdict(Counter)
+        for product_id, created in rows:
+            second = int(created.replace(tzinfo=UTC).timestamp())
+            series[str(product_id)][second] += 1
+        return {'now': now, 'step_s': 1,
+                'series': {pid: sorted(counts.items())
+                           for pid, counts in series.items()}}
 
     def _order_counts(self):
         since = utcnow() - timedelta(seconds=SALES_WINDOW)
@@ -2765,6 +2863,7 @@ class Node:
     def _housekeep(self):
         self.limits.forget_idle()
         self.hub.cut_stalled()
+        self.dashboards.cut_stalled()
         release_free_memory()
 
     def _prepare_database(self):
@@ -2915,6 +3014,7 @@ def error_page(res):
 
 
 STREAM_REQUEST = 'sneakers23.stream'
+DASHBOARD = 'sneakers23.dashboard'   # the stream is a dashboard's
 
 
 class StreamRequest(NamedTuple):
@@ -3038,7 +3138,9 @@ class Handler(WSGIHandler):
         raw = _socket.socket(fileno=self.socket.detach())
         raw.setblocking(False)
         self.socket, self.close_connection = None, True
-        self.server.application.node.hub.adopt(raw, wanted)
+        node = self.server.application.node
+        hub = node.dashboards if self.environ.get(DASHBOARD) else node.hub
+        hub.adopt(raw, wanted)
 
 
 def make_server(app, host, port):
@@ -3093,6 +3195,10 @@ def _routes(app, node):
     app.route('/admin/api/overview', 'GET', lambda: _overview(node))
     app.route('/admin/api/products/<product_id>/orders', 'GET',
               lambda product_id: _orders(node, path_id(product_id)))
+    app.route('/admin', 'GET', lambda: _dashboard(node))
+    app.route('/admin/session', 'POST', lambda: _sign_in(node))
+    app.route('/admin/session', 'DELETE', _sign_out)
+    app.route('/admin/events', 'GET', lambda: _dashboard_events(node))
     app.route('/healthz', 'GET', lambda: _health(node))
     app.route('/api/openapi.json', 'GET', _openapi)
     app.route('/static/<path:path>', 'GET', _static)
@@ -3172,20 +3278,97 @@ def _raw_header(name):
     return bottle.request.environ.get(name, '')
 
 
-def _require_admin(node):
-    """401 without the admin token; 429 for an IP that guessed too often
-    (even with the right token then, so guessing teaches nothing)."""
+def _require_admin(node, session=True):
+    """401 without the admin token (or, when `session`, a dashboard
+    session); 429 for an IP that guessed too often (even with the right
+    token then, so guessing teaches nothing)."""
     ip = node.limits.client_ip(bottle.request.environ)
     node.limits.check_admin(ip)
     header = _raw_header('HTTP_AUTHORIZATION')
-    scheme, _, token = header.partition(' ')
-    if scheme.lower() != 'bearer' or not hmac.compare_digest(
-            token_hash(token.strip()), node.admin_hash):
-        node.limits.admin_failed(ip)
-        logger.info('refused %s %s from %s: wrong admin token',
-                    bottle.request.method, bottle.request.path, ip)
+    if header:
+        scheme, _, token = header.partition(' ')
+        if scheme.lower() == 'bearer' and hmac.compare_digest(
+                token_hash(token.strip()), node.admin_hash):
+            return ip
+        _wrong_token(node, ip)
+    if not (session and _signed_in(node)):
         raise ApiError(401, 'unauthorized')
+    if bottle.request.method not in ('GET', 'HEAD') and not _same_origin():
+        logger.info('refused %s %s from %s: a dashboard session from '
+                    'another origin', bottle.request.method,
+                    bottle.request.path, ip)
+        raise ApiError(403, 'cross_origin')
     return ip
+
+
+def _wrong_token(node, ip):
+    node.limits.admin_failed(ip)
+    logger.info('refused %s %s from %s: wrong admin token',
+                bottle.request.method, bottle.request.path, ip)
+    raise ApiError(401, 'unauthorized')
+
+
+def session_key(node):
+    """The key of dashboard sessions: from the store's cookie key and
+    the admin token's hash, so a new token signs every session out."""
+    return hmac.new(node.cookie_key.encode(), node.admin_hash.encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def _signed_in(node):
+    """Whether the request carries a live dashboard session."""
+    value = unsign(bottle.request.get_cookie(ADMIN_COOKIE),
+                   session_key(node))
+    expires, _, _ = (value or '').partition('~')
+    return ascii_id(expires) and int(expires) > time.time()
+
+
+def _same_origin():
+    """Whether a cookie-borne write comes from this node's own pages
+    (SameSite=Strict alone lets another port of the same host in)."""
+    origin = _raw_header('HTTP_ORIGIN')
+    host = _raw_header('HTTP_HOST')
+    return bool(host) and origin in (f'http://{host}', f'https://{host}')
+
+
+def _dashboard(node):
+    bottle.response.set_header('Cache-Control', 'no-store')
+    bottle.response.content_type = 'text/html; charset=utf-8'
+    return render('admin', signed_in=_signed_in(node),
+                  node_name=node.config.node)
+
+
+def _sign_in(node):
+    """Trade the admin token for a session cookie."""
+    ip = node.limits.client_ip(bottle.request.environ)
+    node.limits.check_admin(ip)
+    token = json_body().get('token')
+    if not isinstance(token, str) or not token:
+        raise ApiError(400, 'token must be the admin token')
+    if not hmac.compare_digest(token_hash(token.strip()), node.admin_hash):
+        _wrong_token(node, ip)
+    expires = int(time.time()) + ADMIN_SESSION_AGE
+    value = sign(f'{expires}~{secrets.token_urlsafe(12)}', session_key(node))
+    bottle.response.add_header(
+        'Set-Cookie', f'{ADMIN_COOKIE}={value}; Max-Age={ADMIN_SESSION_AGE}'
+        '; Path=/admin; HttpOnly; SameSite=Strict')
+    logger.info('dashboard sign-in from %s', ip)
+    return {'signed_in': True}
+
+
+def _sign_out():
+    bottle.response.add_header(
+        'Set-Cookie', f'{ADMIN_COOKIE}=; Max-Age=0; Path=/admin; HttpOnly; '
+        'SameSite=Strict')
+    return {'signed_in': False}
+
+
+def _dashboard_events(node):
+    _require_admin(node)
+    environ = bottle.request.environ
+    environ[STREAM_REQUEST] = StreamRequest(None, None)
+    environ[DASHBOARD] = True
+    return ''  # Handler hands the connection to the dashboards' hub
 
 
 def _release(node, product_id):
@@ -3276,7 +3459,7 @@ def _overview(node):
 
 
 def _metrics(node):
-    _require_admin(node)
+    _require_admin(node, session=False)
     bottle.response.content_type = prometheus_client.CONTENT_TYPE_LATEST
     return node.metrics.exposition()
 

@@ -245,13 +245,18 @@ def check_store(binary):
 
 
 def check_pages(port):
-    """/healthz, /api/products, / and /static/app.js: 200, not empty."""
+    """/api/products, the store page and the dashboard with their
+    scripts (the chart library from static/vendor/): 200, not empty."""
     products = get_json(port, '/api/products')
     check(len(products) == 8 and all(p['items'] for p in products),
           f'/api/products: {len(products)} products')
     for path, needle in (('/', b'data-product-id'),
                          ('/static/app.js', b'EventSource'),
-                         ('/static/app.css', b'{')):
+                         ('/static/app.css', b'{'),
+                         ('/admin', b'id="signin"'),
+                         ('/static/admin.js', b'EventSource'),
+                         ('/static/vendor/uPlot-1.6.32.iife.min.js',
+                          b'uPlot')):
         status, body = request(port, 'GET', path)
         check(status == 200 and needle in body,
               f'GET {path}: {status}, {len(body)} bytes')

@@ -298,6 +298,19 @@ def test_every_answer_of_the_write_routes_is_what_the_server_answers(
     got.add(*RESTOCK, restock(local, in_stock[0], 11))
     assert local.state() == before
 
+    # A dashboard session's write from another origin changes nothing.
+    signed_in = local.request('POST', '/admin/session',
+                              json={'token': TOKEN})
+    assert signed_in.status_code == 200
+    before = local.state()
+    foreign = {'Origin': 'http://localhost:1'}
+    got.add(*RELEASE, local.request(
+        'POST', '/admin/api/products/3/release', headers=foreign))
+    got.add(*RESTOCK, restock(local, in_stock[0], 5, token=None,
+                              headers=foreign))
+    assert local.state() == before
+    local.session.cookies.clear()
+
     # Wrong admin tokens from one IP lock its admin requests out.
     for _ in range(sneakers23.ADMIN_FAILURES + 1):
         release(local, 1, token='wrong')
