@@ -474,7 +474,13 @@ def test_a_session_from_node_a_works_on_node_b(pair, sse):
     status, _, overview = b.get('/admin/api/overview', headers=cookie)
     assert status == 200, overview
     client = sse(b.url, '/admin/events', headers=cookie)
-    client.wait_for('overview', timeout=5)
+    [overview] = client.wait_for('overview', timeout=10, where=lambda d: (
+        set(d['nodes']) == {'a', 'b'}))[:1]
+    lags = {name: figures['peer_lag_ms']
+            for name, figures in overview['data']['nodes'].items()}
+    assert set(lags['a']) == {'b'} and set(lags['b']) == {'a'}, lags
+    assert all(lag is None or isinstance(lag, (int, float))
+               for peers in lags.values() for lag in peers.values()), lags
 
     item = product_of(b, 2)['items'][0]
     restock = f'/admin/api/items/{item["id"]}/restock'
@@ -714,6 +720,12 @@ def test_restock_from_the_dashboard_reaches_a_shopper(
     row = page.locator(f'tr.size[data-item-id="{item["id"]}"]')
     expect(row.locator('.count')).to_have_text(str(item['count']))
     expect(row.locator('.level')).to_have_text('low')
+    released = page.locator('article.product[data-product-id="2"]')
+    expect(released).to_have_attribute('data-state', 'released')
+    expect(released.locator('.state')).to_have_text('released')
+    waiting = page.locator('article.product[data-product-id="3"]')
+    expect(waiting).to_have_attribute('data-state', 'coming_soon')
+    expect(waiting.locator('.state')).to_have_text('coming soon')
     dialog = page.locator('dialog#confirm')
     expect(dialog).to_be_hidden()
 
