@@ -3541,9 +3541,13 @@ def build_parser():
                         help='also write its orders to FILE as CSV')
     _url_option(report)
     for name, what in (('pause', 'stop all sales on every node'),
-                       ('resume', 'restart sales on every node'),
-                       ('status', 'the drop at a glance: products, nodes')):
+                       ('resume', 'restart sales on every node')):
         _url_option(commands.add_parser(name, help=what))
+    status = commands.add_parser(
+        'status', help='the drop at a glance: products, nodes')
+    status.add_argument('--items', action='store_true',
+                        help='also every item: id, sku, size, pairs, level')
+    _url_option(status)
     return parser
 
 
@@ -3847,6 +3851,19 @@ def status_command(args):
         peers = ', '.join(f'{k} {v}' for k, v in n['peers'].items())
         print(f"{name:<10} {n['streams']:>8} {n['hub_lag_ms']:>7} ms  "
               f"{n['db']:<12} {peers}")
+    return _print_items(client) if args.items else 0
+
+
+def _print_items(client):
+    """Every item of the store, for `restock` (which takes either id)."""
+    status, products = client.request('GET', '/api/products')
+    if status != 200:
+        return _report(status, products, client, str)
+    print(f"{'item':>6}  {'sku':<14} {'size':>5} {'pairs':>9}  level")
+    for product in products:
+        for i in product['items']:
+            print(f"{i['id']:>6}  {i['sku']:<14} {i['size']:>5} "
+                  f"{i['count']:>9}  {i['level']}")
     return 0
 
 

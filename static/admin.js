@@ -149,12 +149,16 @@ function showNodes(view) {
   const rows = Object.entries(view.nodes).map(([name, node]) => {
     const row = element('tr', 'node');
     row.dataset.node = name;
-    const watching = Object.entries(node.watching)
-      .map(([id, n]) => `${skus.get(id) || id}: ${n}`).join(', ');
+    const counts = Object.entries(node.watching);
+    // A page without a filter watches every product: say it once.
+    const everyone = node.streams > 0 && counts.length === skus.size &&
+      counts.every(([, n]) => n === node.streams);
+    const watching = everyone ? `every product: ${node.streams}`
+      : counts.map(([id, n]) => `${skus.get(id) || id}: ${n}`).join(', ');
     const peers = Object.entries(node.peers).map(([peer, state]) => {
       const lag = (node.peer_lag_ms || {})[peer];
-      return `${peer}: ${state}` + (lag == null ? '' : ` (${lag} ms)`);
-    }).join(', ');
+      return `${peer}: ${state}` + (lag == null ? '' : `, heard ${Math.round(lag)} ms ago`);
+    }).join('; ');
     row.append(cell('th', 'name', name), cell('td', 'streams', node.streams),
                cell('td', 'watching', watching || '—'),
                cell('td', 'hub-lag', `${node.hub_lag_ms} ms`),
@@ -187,7 +191,7 @@ function productArticle(product) {
   head.append(title, text('span', 'state', ''), text('span', 'countdown', ''));
   const figures = element('dl', 'figures');
   for (const [label, cls] of [['sold', 'sold'], ['left', 'left'],
-                               ['sales/s', 'rate'], ['watching', 'watching']]) {
+                               ['sales/s (10 s)', 'rate'], ['watching', 'watching']]) {
     const group = element('div');
     group.append(text('dt', '', label), text('dd', cls, '–'));
     figures.append(group);
@@ -231,7 +235,7 @@ function updateProduct(article, product, view) {
   state.dataset.state = product.state;
   $('.sold', article).textContent = product.sold ?? '?';
   $('.left', article).textContent = product.left;
-  const rate = view.sold_per_s[String(product.id)];
+  const rate = product.sales_per_s;   // over the last 10 s
   $('.rate', article).textContent = rate == null ? '–' : rate.toFixed(1);
   $('.watching', article).textContent = watchingOf(view, product.id);
   $('.release-now', article).hidden = product.state === 'released';

@@ -415,6 +415,20 @@ def test_status_shows_products_and_nodes(sqlite_url, small_catalog,
     assert any(re.search(r'\bnorth\b', line) for line in lines), done.stdout
 
 
+def test_status_items_lists_every_item_for_restock(sqlite_node):
+    done = run('status', '--items', '--url', sqlite_node.url, timeout=30)
+
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    rows = [line.split() for line in done.stdout.splitlines()]
+    listed = {int(row[0]): row[1:] for row in rows
+              if len(row) == 5 and row[0].isdigit()}
+    items = [i for p in sqlite_node.products() for i in p['items']]
+    assert len(listed) == len(items)
+    for item in items:
+        assert listed[item['id']] == [item['sku'], item['size'],
+                                      str(item['count']), item['level']]
+
+
 def test_status_with_a_wrong_token_or_no_node(sqlite_node):
     wrong = run('status', '--url', sqlite_node.url, timeout=30,
                 env={'SNEAKERS23_ADMIN_TOKEN': 'wrong'})

@@ -199,7 +199,7 @@ BAD_INPUTS = [
     ('static absolute', 'GET', '/static//etc/passwd', {}, None, 404, None),
     ('events bad filter', 'GET', '/events?products=1;DROP', {}, None, 400,
      None),
-    ('unknown route', 'GET', '/admin', {}, None, 404, None),
+    ('unknown route', 'GET', '/admin/nothing-here', {}, None, 404, None),
 ]
 
 

@@ -48,7 +48,7 @@
     <section aria-labelledby="nodes-title">
       <h2 id="nodes-title">Nodes</h2>
       <table class="nodes">
-        <thead><tr><th scope="col">node</th><th scope="col">shoppers</th><th scope="col">watching</th><th scope="col">hub lag</th><th scope="col">database</th><th scope="col">peers (lag)</th></tr></thead>
+        <thead><tr><th scope="col">node</th><th scope="col">shoppers</th><th scope="col">watching</th><th scope="col">hub lag</th><th scope="col">database</th><th scope="col">peers (last heard)</th></tr></thead>
         <tbody id="nodes"></tbody>
       </table>
     </section>
