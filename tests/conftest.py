@@ -309,6 +309,17 @@ def db_rows(db_url, sql, params=()):
             database.close_all()
 
 
+def buy(node, item_id, cookie=None):
+    """One purchase as a new shopper (or as the shopper of `cookie`)."""
+    headers = {'Cookie': cookie} if cookie else {}
+    return call(node.url, 'POST', '/api/purchase', {'item_id': item_id},
+                headers=headers)
+
+
+def product_of(node, product_id):
+    return next(p for p in node.products() if p['id'] == product_id)
+
+
 def buy_concurrently(url, item_ids, cookies=None):
     """POST one purchase per entry of item_ids at once; the answers."""
     def buy(item_id, cookie):

@@ -10,15 +10,19 @@ from datetime import UTC, datetime, timedelta
 
 import gevent
 import pytest
-from conftest import LAPTOP, LIVE, MARK, card, level_class, size_button
+from conftest import (
+    LAPTOP,
+    LIVE,
+    MARK,
+    card,
+    level_class,
+    product_of,
+    size_button,
+)
 from playwright.sync_api import expect
 
 RECONNECT = 10_000    # ms: EventSource retries every 2 s (`retry: 2000`)
 PHONE = {'width': 390, 'height': 844}
-
-
-def product_of(node, product_id):
-    return next(p for p in node.products() if p['id'] == product_id)
 
 
 def expect_sizes(page, product, timeout=LIVE):

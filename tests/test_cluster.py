@@ -29,7 +29,7 @@ from conftest import (
     TOKEN,
     Cluster,
     admin_headers,
-    call,
+    buy,
     db_rows,
     free_port,
     health,
@@ -92,13 +92,6 @@ def wait_equal(nodes, db_url, since=None, timeout=CONVERGE):
             raise AssertionError(f'not equal to the database {elapsed:.2f}s '
                                  f'after the fault healed: {wrong}')
         gevent.sleep(0.05)
-
-
-def buy(node, item_id, cookie=None):
-    """One purchase as a new shopper (or as the shopper of `cookie`)."""
-    headers = {'Cookie': cookie} if cookie else {}
-    return call(node.url, 'POST', '/api/purchase', {'item_id': item_id},
-                headers=headers)
 
 
 def unreleased(node):

@@ -21,8 +21,11 @@ from conftest import (
     TOKEN,
     Cluster,
     admin_headers,
+    buy,
     call,
+    health,
     level_class,
+    product_of,
     seed_database,
     size_button,
     wait_until,
@@ -89,24 +92,6 @@ def altered(value):
     return {'payload changed': f'{flip(payload)}.{signature}',
             'signature changed': f'{payload}.{flip(signature)}',
             'no signature': payload}
-
-
-def buy(node, item_id):
-    """One purchase as a new shopper; the answer must be a 201."""
-    status, _, answer = call(node.url, 'POST', '/api/purchase',
-                             {'item_id': item_id})
-    assert status == 201, answer
-    return answer
-
-
-def product_of(node, product_id):
-    return next(p for p in node.products() if p['id'] == product_id)
-
-
-def healthz(node):
-    status, _, answer = node.get('/healthz')
-    assert status == 200, answer
-    return answer
 
 
 class Elements(html.parser.HTMLParser):
@@ -256,7 +241,7 @@ def test_the_session_opens_the_overview_and_the_dashboard_stream(
     node.release(2)
     item = next(i for i in product_of(node, 2)['items'] if i['count'] > 3)
     for _ in range(3):
-        buy(node, item['id'])
+        assert buy(node, item['id'])[0] == 201
     cookie = with_cookie(session_value(node))
 
     status, _, overview = node.get('/admin/api/overview', headers=cookie)
@@ -306,7 +291,7 @@ def test_the_session_opens_the_overview_and_the_dashboard_stream(
         assert shown['state'] == ('released' if truth['id'] == 2
                                   else 'coming_soon')
     [(name, figures)] = data['nodes'].items()
-    assert name == healthz(node)['node']
+    assert name == health(node)['node']
     assert {'streams', 'watching', 'hub_lag_ms', 'peers', 'db',
             'peer_lag_ms'} <= set(figures), figures
     assert figures['peer_lag_ms'] == {}
@@ -370,7 +355,7 @@ def test_session_posts_need_the_pages_own_origin(sqlite_node):
             assert (status, answer) == (403, {'error': 'cross_origin'}), (
                 origin, path)
     assert node.item(item['id'])['count'] == item['count']
-    assert healthz(node)['paused'] is False
+    assert health(node)['paused'] is False
     status, _, answer = node.get(
         '/admin/api/overview',
         headers={**cookie, 'Origin': 'http://evil.example'})
@@ -384,12 +369,12 @@ def test_session_posts_need_the_pages_own_origin(sqlite_node):
     status, _, answer = node.post('/admin/api/sales', {'paused': True},
                                   headers=mine)
     assert (status, answer) == (200, {'paused': True})
-    assert healthz(node)['paused'] is True
+    assert health(node)['paused'] is True
     status, _, answer = node.post(
         '/admin/api/sales', {'paused': False},
         headers={**cookie, 'Origin': f'https://127.0.0.1:{node.port}'})
     assert (status, answer) == (200, {'paused': False})
-    assert healthz(node)['paused'] is False
+    assert health(node)['paused'] is False
 
     status, _, answer = node.post(
         restock, {'count': 5},
@@ -420,7 +405,7 @@ def test_the_overview_event_follows_a_purchase(node, sse):
     assert count == item['count']
     assert last['sold_per_s'].get('2', 0) == 0
     for _ in range(3):
-        buy(node, item['id'])
+        assert buy(node, item['id'])[0] == 201
     moved = client.wait_for('overview', timeout=10, where=lambda d: (
         figures(d) == (sold + 3, left - 3, count - 3)))
     index = client.named('overview').index(moved[0])
@@ -769,7 +754,7 @@ def test_pause_and_resume_from_the_dashboard(sqlite_node, open_page,
     page.locator('#confirm-cancel').click()
     expect(page.locator('dialog#confirm')).to_be_hidden()
     expect(state).to_have_text('Sales on')
-    assert healthz(node)['paused'] is False
+    assert health(node)['paused'] is False
 
     pause.click()
     confirm(page)
@@ -779,7 +764,7 @@ def test_pause_and_resume_from_the_dashboard(sqlite_node, open_page,
     expect(page.locator('body')).to_have_attribute('data-paused', 'true')
     expect(resume).to_be_visible()
     expect(pause).to_be_hidden()
-    assert healthz(node)['paused'] is True
+    assert health(node)['paused'] is True
 
     resume.click()
     confirm(page)
@@ -787,4 +772,4 @@ def test_pause_and_resume_from_the_dashboard(sqlite_node, open_page,
     expect(state).to_have_text('Sales on', timeout=LIVE)
     expect(page.locator('body')).to_have_attribute('data-paused', 'false')
     expect(pause).to_be_visible()
-    assert healthz(node)['paused'] is False
+    assert health(node)['paused'] is False
