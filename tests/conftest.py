@@ -82,7 +82,10 @@ def sqlite_url(tmp_path):
 
 
 def call(url, method, path, body=None, headers=None, raw=None):
-    """One HTTP request: (status, headers dict, parsed JSON or bytes)."""
+    """One HTTP request: (status, headers dict, parsed JSON or bytes).
+
+    Header names are lower case; `set-cookies` lists every Set-Cookie
+    (`set-cookie` holds only the last one)."""
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     headers = dict(headers or {})
@@ -94,6 +97,7 @@ def call(url, method, path, body=None, headers=None, raw=None):
         answer = conn.getresponse()
         data = answer.read()
         got = {k.lower(): v for k, v in answer.getheaders()}
+        got['set-cookies'] = answer.msg.get_all('Set-Cookie') or []
     finally:
         conn.close()
     if got.get('content-type', '').startswith('application/json'):
@@ -305,6 +309,17 @@ def db_rows(db_url, sql, params=()):
             database.close_all()
 
 
+def buy(node, item_id, cookie=None):
+    """One purchase as a new shopper (or as the shopper of `cookie`)."""
+    headers = {'Cookie': cookie} if cookie else {}
+    return call(node.url, 'POST', '/api/purchase', {'item_id': item_id},
+                headers=headers)
+
+
+def product_of(node, product_id):
+    return next(p for p in node.products() if p['id'] == product_id)
+
+
 def buy_concurrently(url, item_ids, cookies=None):
     """POST one purchase per entry of item_ids at once; the answers."""
     def buy(item_id, cookie):
@@ -328,6 +343,181 @@ def wait_until(check, timeout=5.0, message='condition', interval=0.01):
         if time.monotonic() > deadline:
             raise AssertionError(f'{message}: not true within {timeout}s')
         gevent.sleep(interval)
+
+
+# ---------------------------------------------------------------------------
+# A cluster of real nodes sharing one database
+# ---------------------------------------------------------------------------
+
+NAMES = ('a', 'b', 'c')
+
+
+def seed_database(url):
+    """Create and seed the tables once, before any node starts."""
+    database = sneakers23.open_database(url)
+    sneakers23.db.initialize(database)
+    try:
+        with database.connection_context():
+            assert sneakers23.seed(sneakers23.CATALOG_PATH) > 0
+    finally:
+        if hasattr(database, 'close_all'):
+            database.close_all()
+
+
+def health(node):
+    status, _, answer = node.get('/healthz')
+    assert status == 200, answer
+    return answer
+
+
+class Cluster:
+    """Nodes (a, b and c unless `names` says) of one `peers.toml` on one
+    database."""
+
+    def __init__(self, tmp_path, db_url, public_keys=None, names=NAMES):
+        self.tmp_path, self.db_url = tmp_path, db_url
+        self.names = tuple(names)
+        self.http = {name: free_port() for name in self.names}
+        self.replication = {name: f'tcp://127.0.0.1:{free_port()}'
+                            for name in self.names}
+        self.public_keys = public_keys
+        self.config = self.write_config(tmp_path / 'peers.toml',
+                                        public_keys)
+        self.nodes = {}
+        self.processes = []     # everything started, stopped at the end
+
+    def write_config(self, path, public_keys=None):
+        lines = [f'database = {json.dumps(self.db_url)}', '']
+        for name in self.names:
+            lines += [f'[nodes.{name}]',
+                      f'http = "127.0.0.1:{self.http[name]}"',
+                      f'replication = "{self.replication[name]}"']
+            if public_keys:
+                lines.append(f'public_key = "{public_keys[name]}"')
+            lines.append('')
+        path.write_text('\n'.join(lines))
+        return path
+
+    def process(self, name, config=None, db_url=None, port=None, env=None):
+        """A node process of this cluster (not started yet)."""
+        node = NodeProcess(db_url or self.db_url,
+                           port=port or self.http[name],
+                           args=['--config', str(config or self.config),
+                                 '--node', name], env=env)
+        node.name = name
+        self.processes.append(node)
+        return node
+
+    def start(self, env=None, wait=True):
+        """Start every node at once; wait until every peer is heard."""
+        env = env or {}
+        self.nodes = {name: self.process(name, env=env.get(name))
+                      for name in self.names}
+        jobs = [gevent.spawn(node.start) for node in self.nodes.values()]
+        gevent.joinall(jobs, raise_error=True)
+        if wait:
+            return self.wait_connected()
+        return None
+
+    def all_connected(self):
+        for name, node in self.nodes.items():
+            peers = health(node)['peers']
+            if set(peers) != set(self.names) - {name} or any(
+                    p['state'] != 'connected' for p in peers.values()):
+                return False
+        return True
+
+    def wait_connected(self, timeout=6):
+        began = time.monotonic()
+        wait_until(self.all_connected, timeout,
+                   'every node hears its peers', interval=0.05)
+        return time.monotonic() - began
+
+    def close(self):
+        for node in self.processes:
+            if node.proc and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGCONT)   # if paused
+            node.stop()
+
+
+# ---------------------------------------------------------------------------
+# Pages in a real browser (headless Debian chromium, Playwright)
+# ---------------------------------------------------------------------------
+
+import re
+
+from playwright.sync_api import expect, sync_playwright
+
+CHROMIUM = '/usr/bin/chromium'
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu',
+                 '--disable-background-networking',
+                 '--disable-component-update', '--disable-sync']
+LIVE = 5_000          # ms: an event on an open stream reaches the page
+LEVEL = 'size-container__entry--level-'
+MARK = 'window.__sneakers23_no_reload'
+
+LAPTOP = {'width': 1280, 'height': 800}
+
+
+@pytest.fixture(scope='module')
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f'{CHROMIUM} is missing (apt-get install chromium)')
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                             args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    """`open_page(node, viewport=None, path='/', cookies=(), live=True,
+    context=None, **options)`: a fresh browser context (a shopper, or with
+    `cookies` an operator; `options` for the context, such as
+    `reduced_motion`) on a page of the node, the store page unless `path`
+    says; with `context`, another page of that context's shopper.
+
+    Waits until the page says it is live (unless `live` is false) and
+    marks the window, so a test can tell later that the page was never
+    reloaded. Uncaught JavaScript errors fail the test.
+    """
+    contexts, errors = [], []
+
+    def open_(node, viewport=None, path='/', cookies=(), live=True,
+              context=None, **options):
+        if context is None:
+            context = browser.new_context(viewport=viewport or LAPTOP,
+                                          **options)
+            contexts.append(context)
+        if cookies:
+            context.add_cookies(list(cookies))
+        page = context.new_page()
+        page.on('pageerror', lambda error: errors.append(error))
+        page.goto(node.url + path)
+        if live:
+            expect(page.locator('#connection')).to_have_attribute(
+                'data-state', 'live', timeout=LIVE)
+        page.evaluate(f'{MARK} = true')
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+    assert not errors, f'JavaScript errors on the page: {errors}'
+
+
+def card(page, product_id):
+    return page.locator(f'.product[data-product-id="{product_id}"]')
+
+
+def size_button(page, item_id):
+    return page.locator(f'.size-container__entry[value="{item_id}"]')
+
+
+def level_class(level):
+    """Matches the button's class attribute when it shows `level`."""
+    return re.compile(rf'(^|\s){re.escape(LEVEL + level)}(\s|$)')
 
 
 # ---------------------------------------------------------------------------

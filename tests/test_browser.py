@@ -5,87 +5,29 @@ test starts its own node on a fresh SQLite database, opens the page and
 changes the store through the HTTP API while the page stays open.
 """
 
-import os
 import re
 from datetime import UTC, datetime, timedelta
 
 import gevent
 import pytest
 from axe_playwright_python.sync_playwright import Axe
-from conftest import call, db_rows
-from playwright.sync_api import expect, sync_playwright
-from test_cluster import Cluster, seed_database
+from conftest import (
+    LAPTOP,
+    LIVE,
+    MARK,
+    Cluster,
+    call,
+    card,
+    db_rows,
+    level_class,
+    product_of,
+    seed_database,
+    size_button,
+)
+from playwright.sync_api import expect
 
-CHROMIUM = '/usr/bin/chromium'
-CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu',
-                 '--disable-background-networking',
-                 '--disable-component-update', '--disable-sync']
-LIVE = 5_000          # ms: an event on an open stream reaches the page
 RECONNECT = 10_000    # ms: EventSource retries every 2 s (`retry: 2000`)
-LEVEL = 'size-container__entry--level-'
-MARK = 'window.__sneakers23_no_reload'
-
 PHONE = {'width': 390, 'height': 844}
-LAPTOP = {'width': 1280, 'height': 800}
-
-
-@pytest.fixture(scope='module')
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f'{CHROMIUM} is missing (apt-get install chromium)')
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM,
-                                             args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def open_page(browser):
-    """`open_page(node, viewport=None, context=None, **options)`: a fresh
-    shopper on the store page (or another page of `context`'s shopper;
-    `options` for a new context, such as `reduced_motion`).
-
-    Waits until the page says it is live and marks the window, so a test
-    can tell later that the page was never reloaded. Uncaught JavaScript
-    errors fail the test.
-    """
-    contexts, errors = [], []
-
-    def open_(node, viewport=None, context=None, **options):
-        if context is None:
-            context = browser.new_context(viewport=viewport or LAPTOP,
-                                          **options)
-            contexts.append(context)
-        page = context.new_page()
-        page.on('pageerror', lambda error: errors.append(error))
-        page.goto(node.url)
-        expect(page.locator('#connection')).to_have_attribute(
-            'data-state', 'live', timeout=LIVE)
-        page.evaluate(f'{MARK} = true')
-        return page
-
-    yield open_
-    for context in contexts:
-        context.close()
-    assert not errors, f'JavaScript errors on the page: {errors}'
-
-
-def card(page, product_id):
-    return page.locator(f'.product[data-product-id="{product_id}"]')
-
-
-def size_button(page, item_id):
-    return page.locator(f'.size-container__entry[value="{item_id}"]')
-
-
-def level_class(level):
-    """Matches the button's class attribute when it shows `level`."""
-    return re.compile(rf'(^|\s){re.escape(LEVEL + level)}(\s|$)')
-
-
-def product_of(node, product_id):
-    return next(p for p in node.products() if p['id'] == product_id)
 
 
 def expect_sizes(page, product, timeout=LIVE):

@@ -9,7 +9,6 @@ Timings are printed as `[timing] ...` lines (run pytest with -s).
 """
 
 import http.client
-import json
 import math
 import os
 import random
@@ -25,19 +24,22 @@ import gevent.event
 import pytest
 import zmq
 from conftest import (
+    NAMES,
     ROOT,
     TOKEN,
-    NodeProcess,
+    Cluster,
     admin_headers,
+    buy,
     call,
     db_rows,
     free_port,
+    health,
+    seed_database,
     wait_until,
 )
 
 import sneakers23
 
-NAMES = ('a', 'b', 'c')
 CONVERGE = 2.0          # the contract: equal within 2 s of a fault healing
 SCRIPT = os.path.join(ROOT, 'sneakers23.py')
 
@@ -48,18 +50,6 @@ SCRIPT = os.path.join(ROOT, 'sneakers23.py')
 
 def timing(label, seconds):
     print(f'\n[timing] {label}: {seconds * 1000:.0f} ms', flush=True)
-
-
-def seed_database(url):
-    """Create and seed the tables once, before any node starts."""
-    database = sneakers23.open_database(url)
-    sneakers23.db.initialize(database)
-    try:
-        with database.connection_context():
-            assert sneakers23.seed(sneakers23.CATALOG_PATH) > 0
-    finally:
-        if hasattr(database, 'close_all'):
-            database.close_all()
 
 
 def db_truth(db_url):
@@ -107,19 +97,6 @@ def wait_equal(nodes, db_url, since=None, timeout=CONVERGE):
         gevent.sleep(0.05)
 
 
-def health(node):
-    status, _, answer = node.get('/healthz')
-    assert status == 200, answer
-    return answer
-
-
-def buy(node, item_id, cookie=None):
-    """One purchase as a new shopper (or as the shopper of `cookie`)."""
-    headers = {'Cookie': cookie} if cookie else {}
-    return call(node.url, 'POST', '/api/purchase', {'item_id': item_id},
-                headers=headers)
-
-
 def unreleased(node):
     """Ids of the products a node shows as not released, by position."""
     return [p['id'] for p in node.products() if not p['released']]
@@ -142,75 +119,6 @@ def release_and_converge(node, cluster, product_id):
         next(p for p in n.products() if p['id'] == product_id)['released']
         for n in cluster.nodes.values()), 3, f'product {product_id} '
         'released everywhere')
-
-
-class Cluster:
-    """Nodes of one `peers.toml` on one database: a, b and c unless
-    `names` says otherwise."""
-
-    def __init__(self, tmp_path, db_url, public_keys=None, names=NAMES):
-        self.tmp_path, self.db_url, self.names = tmp_path, db_url, names
-        self.http = {name: free_port() for name in names}
-        self.replication = {name: f'tcp://127.0.0.1:{free_port()}'
-                            for name in names}
-        self.public_keys = public_keys
-        self.config = self.write_config(tmp_path / 'peers.toml',
-                                        public_keys)
-        self.nodes = {}
-        self.processes = []     # everything started, stopped at the end
-
-    def write_config(self, path, public_keys=None):
-        lines = [f'database = {json.dumps(self.db_url)}', '']
-        for name in self.names:
-            lines += [f'[nodes.{name}]',
-                      f'http = "127.0.0.1:{self.http[name]}"',
-                      f'replication = "{self.replication[name]}"']
-            if public_keys:
-                lines.append(f'public_key = "{public_keys[name]}"')
-            lines.append('')
-        path.write_text('\n'.join(lines))
-        return path
-
-    def process(self, name, config=None, db_url=None, port=None, env=None):
-        """A node process of this cluster (not started yet)."""
-        node = NodeProcess(db_url or self.db_url,
-                           port=port or self.http[name],
-                           args=['--config', str(config or self.config),
-                                 '--node', name], env=env)
-        node.name = name
-        self.processes.append(node)
-        return node
-
-    def start(self, env=None, wait=True):
-        """Start every node at once; wait until every peer is heard."""
-        env = env or {}
-        self.nodes = {name: self.process(name, env=env.get(name))
-                      for name in self.names}
-        jobs = [gevent.spawn(node.start) for node in self.nodes.values()]
-        gevent.joinall(jobs, raise_error=True)
-        if wait:
-            return self.wait_connected()
-        return None
-
-    def all_connected(self):
-        for name, node in self.nodes.items():
-            peers = health(node)['peers']
-            if set(peers) != set(self.names) - {name} or any(
-                    p['state'] != 'connected' for p in peers.values()):
-                return False
-        return True
-
-    def wait_connected(self, timeout=6):
-        began = time.monotonic()
-        wait_until(self.all_connected, timeout,
-                   'every node hears its two peers', interval=0.05)
-        return time.monotonic() - began
-
-    def close(self):
-        for node in self.processes:
-            if node.proc and node.proc.poll() is None:
-                node.proc.send_signal(signal.SIGCONT)   # if paused
-            node.stop()
 
 
 @pytest.fixture
