@@ -121,8 +121,7 @@ function onOverview(view) {
 
 function showSales(paused) {
   document.body.dataset.paused = String(paused);
-  $('#sales-state').textContent = paused
-    ? 'Sales paused on every node' : 'Sales on';
+  $('#sales-state').textContent = paused ? 'Sales paused' : 'Sales on';
   $('#pause').hidden = paused;
   $('#resume').hidden = !paused;
 }
@@ -349,7 +348,7 @@ async function restock(product, item) {
   const count = await confirmed(`Add pairs of ${product.sku} size ${item.size} (${item.sku})?`, true);
   if (!count) return;
   const answer = await send('POST', `/admin/api/items/${item.id}/restock`, {count});
-  report(answer, (body) => `Restocked ${item.sku}: ${body.count} pairs.`);
+  report(answer, (body) => `Restocked ${item.sku}: ${count} pairs added, ${body.count} now.`);
 }
 
 async function setPaused(paused) {
