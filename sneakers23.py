@@ -157,6 +157,11 @@ class DeadlinePassed(Unavailable): pass
 class OutcomeUnknown(Unavailable): pass   # COMMIT sent, its answer lost
 
 
+# What a database call raises when the database is away (or past its
+# deadline): callers that can go on without the answer catch these.
+DB_AWAY = (Unavailable, OperationalError, InterfaceError)
+
+
 class ApiError(Sneakers23Error):
     """An error answered to an HTTP client as `{"error": code}`."""
 
@@ -612,7 +617,7 @@ class DatabaseRunner:
                 job = gevent.event.AsyncResult()
                 self._jobs.put((fn, args, deadline, job))
                 result = job.get()
-        except (Unavailable, OperationalError, InterfaceError):
+        except DB_AWAY:
             self.state, self.answered = 'unavailable', time.monotonic()
             raise
         self.state, self.answered = 'ok', time.monotonic()
@@ -626,7 +631,7 @@ class DatabaseRunner:
         try:
             self.run(_select_one,
                      deadline=time.monotonic() + DB_PROBE_INTERVAL * 2)
-        except (Unavailable, OperationalError, InterfaceError):
+        except DB_AWAY:
             pass   # `state` says so
 
     def read(self, fn, *args):
@@ -1480,8 +1485,7 @@ class WritePath:
         try:
             self._commit(batch)
         except Exception as e:
-            if not isinstance(e, (Unavailable, OperationalError,
-                                  InterfaceError)):
+            if not isinstance(e, DB_AWAY):
                 logger.exception('a batch of %d writes failed', len(batch))
             for job in batch:
                 if not job.result.ready():
@@ -2901,7 +2905,7 @@ class Node:
         since = utcnow() - timedelta(seconds=DASHBOARD_HISTORY)
         try:
             rows = self.runner.read(recent_sales, since)
-        except Unavailable:
+        except DB_AWAY:
             rows = []
         series = defaultdict(Counter)
         for product_id, created in rows:
@@ -2915,7 +2919,7 @@ class Node:
         since = utcnow() - timedelta(seconds=SALES_WINDOW)
         try:
             return self.runner.run(order_counts, since)
-        except Unavailable:
+        except DB_AWAY:
             return None   # sold unknown while the database is away
 
     def _housekeep(self):
@@ -3051,7 +3055,7 @@ def api_errors(node):
                 node.answers.refusal(bottle.request.path, e.status, e.code)
                 return json_response(e.status, {'error': e.code},
                                      **e.headers)
-            except (Unavailable, OperationalError, InterfaceError) as e:
+            except DB_AWAY as e:
                 # a database that failed a read is away, not a 500; a
                 # COMMIT sent and its answer lost: say so, never guess
                 code = ('outcome_unknown' if isinstance(e, OutcomeUnknown)
@@ -3730,7 +3734,7 @@ def serve(config):
     server = make_server(app, config.host, config.port)
     try:
         app.node.start()
-    except OperationalError as e:
+    except DB_AWAY as e:
         raise ConfigError(f'cannot use the database '
                           f'{redact(config.db_url)}: {_first_line(e)}') \
             from None
