@@ -125,6 +125,7 @@ HOUSEKEEPING_INTERVAL = 10.0
 IP_PAIRS, IP_RATE = 4, 20
 TRUSTED_IPS = ('127.0.0.1', '::1')
 ADMIN_FAILURES, ADMIN_REFILL = 10, 6.0   # wrong tokens per IP, s per one
+ORDER_LOOKUPS = 10          # GET /api/orders per second per IP (a read each)
 PAIRS_RETRY_AFTER = 3600
 PAUSED_RETRY_AFTER = '10'
 
@@ -2585,6 +2586,7 @@ class ClientLimits:
         self.proxies = frozenset(config.proxies)
         self.attempts = TokenBuckets(max(1, config.ip_rate), config.ip_rate)
         self.admin_failures = TokenBuckets(ADMIN_FAILURES, 1 / ADMIN_REFILL)
+        self.lookups = TokenBuckets(ORDER_LOOKUPS, ORDER_LOOKUPS)
         self.pairs = {}   # (ip, product_id) -> pairs bought or in flight
 
     def client_ip(self, environ):
@@ -2615,6 +2617,13 @@ class ClientLimits:
         return _PairHold(self.pairs, None if ip in self.trusted
                          or not self.pairs_limit else (ip, product_id))
 
+    def check_lookup(self, ip):
+        """429 for an IP that reads its orders too often: each is a
+        database read, taken from the pool that purchases use."""
+        wait = 0 if ip in self.trusted else self.lookups.take(ip)
+        if wait:
+            raise TooMany(math.ceil(wait))
+
     def check_admin(self, ip):
         wait = self.admin_failures.blocked(ip)
         if wait:
@@ -2626,6 +2635,7 @@ class ClientLimits:
     def forget_idle(self):
         self.attempts.forget_full()
         self.admin_failures.forget_full()
+        self.lookups.forget_full()
 
 
 class _PairHold:
@@ -3345,6 +3355,8 @@ def _shopper_orders(node):
     bottle.response.set_header('Cache-Control', 'no-store')
     shopper = unsign(bottle.request.get_cookie(SHOPPER_COOKIE),
                      node.cookie_key)
+    if shopper:
+        node.limits.check_lookup(node.limits.client_ip(bottle.request.environ))
     rows = node.runner.read(shopper_orders, shopper) if shopper else []
     return json_response(200, [
         {'order_id': order_id, 'product_id': product_id,

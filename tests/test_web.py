@@ -1262,3 +1262,27 @@ def test_orders_answer_503_when_the_database_fails(app_server, monkeypatch):
     assert headers['retry-after'] == '1'
     monkeypatch.undo()
     assert len(orders_of_shopper(server.url, cookie)) == 1
+
+
+def test_orders_are_rate_limited_per_ip_unless_trusted(app_server):
+    """Each lookup with a valid cookie is a database read: 10 a second per
+    IP, then 429 with Retry-After; a trusted IP is not limited."""
+    server = app_server(trusted_ips=())
+    status, headers, _ = call(server.url, 'GET', '/')
+    cookie = shopper_cookie(headers)
+    answers = [call(server.url, 'GET', '/api/orders',
+                    headers={'Cookie': cookie})
+               for _ in range(sneakers23.ORDER_LOOKUPS + 5)]
+    statuses = [status for status, _, _ in answers]
+    assert 429 in statuses, statuses
+    refused = next(a for a in answers if a[0] == 429)
+    assert refused[2] == {'error': 'too_many_requests'}
+    assert int(refused[1]['retry-after']) >= 1
+    assert statuses[:sneakers23.ORDER_LOOKUPS] == \
+        [200] * sneakers23.ORDER_LOOKUPS
+    trusted = app_server()   # loopback is trusted by default
+    status, headers, _ = call(trusted.url, 'GET', '/')
+    cookie = shopper_cookie(headers)
+    assert {call(trusted.url, 'GET', '/api/orders',
+                 headers={'Cookie': cookie})[0]
+            for _ in range(sneakers23.ORDER_LOOKUPS + 5)} == {200}
