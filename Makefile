@@ -30,8 +30,16 @@ cluster: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sneakers23.py tests bench packaging
 
-bench: $(STAMP)
-	$(PY) bench/run.py
+# matplotlib (the scaling curve's PNG) is for the benchmarks only.
+BENCH_STAMP := $(VENV)/.bench-$(shell cksum < bench/requirements.txt | cut -d' ' -f1)
+
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	rm -f $(VENV)/.bench-*
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Not part of `make test`: 10 minutes of purchases, restocks and 2,000
 # churning SSE streams on one node; fails if RSS, fds or greenlets grow

@@ -35,6 +35,7 @@ import bisect
 import json
 import platform
 import re
+import select
 import shutil
 import signal
 import socket
@@ -61,7 +62,7 @@ PG_URL = os.environ.get(
 HOT_STOCK = 1_000_000
 CLK_TCK = os.sysconf('SC_CLK_TCK')
 NAMES = ('sse', 'purchases_sqlite', 'sold_out', 'reads', 'purchases_pg',
-         'replication', 'cold_start')
+         'replication', 'cold_start', 'drop', 'curve')
 SQLITE_GROUP = ('purchases_sqlite', 'sold_out', 'reads')
 
 
@@ -78,10 +79,16 @@ class Settings:
     cold_products: int = 10_000
     cold_starts: int = 3
     pg_wait: float = 60
+    drop_streams: int = 10_000
+    drop_buyers: int = 500
+    drop_pairs: int = 200       # per size: 2,600 pairs over 13 sizes
+    drop_lead: float = 3.0      # s from scheduling to the release
+    curve_max_streams: int = 15_000
 
 
 QUICK = Settings(streams=1000, rounds=2, wrk_seconds=5, repl_seconds=2,
-                 cold_products=1000, pg_wait=20)
+                 cold_products=1000, pg_wait=20, drop_streams=1000,
+                 drop_buyers=100, drop_pairs=50, curve_max_streams=2500)
 
 
 def say(text):
@@ -1125,6 +1132,443 @@ def bench_cold_start(ctx):
 
 
 # ---------------------------------------------------------------------------
+# A whole drop: watchers, buyers and fan-out at once
+# ---------------------------------------------------------------------------
+
+DROP_SIZES = [f'{n / 2:g}' for n in range(12, 25)]
+KIND_RELEASED, KIND_STOCK = 1, 2
+# Counts at which a level is first shown (level_of: < 150 low, < 500 medium)
+LEVEL_AT = {'medium': 499, 'low': 149, 'out': 0}
+
+
+def drop_catalogue(path, pairs):
+    """The drop: one product (13 sizes x `pairs`, not released) and a
+    second one nobody watches."""
+    with open(path, 'w') as f:
+        for n, sku in enumerate(('DROP23', 'OTHER23')):
+            f.write(f'[[products]]\nsku = "{sku}"\nbrand = "Bench"\n'
+                    f'name = "Drop {n}"\ncolor = "black"\n'
+                    f'price_cents = 12000\nimage = "shu6000.svg"\n'
+                    'released = false\n\n[products.stock]\n')
+            for size in DROP_SIZES:
+                f.write(f'"{size}" = {pairs}\n')
+            f.write('\n')
+
+
+def drop_client_binary(ctx):
+    binary = os.path.join(RESULTS, 'drop_client')
+    if not getattr(ctx, '_drop_client', None):
+        os.makedirs(RESULTS, exist_ok=True)
+        subprocess.run(['gcc', '-O2', '-Wall', '-o', binary,
+                        os.path.join(HERE, 'drop_client.c')], check=True)
+        ctx._drop_client = binary
+    return binary
+
+
+def peak_rss_kb(pid):
+    with open(f'/proc/{pid}/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1])
+    return 0
+
+
+def iso_at(wall_ns):
+    moment = datetime.fromtimestamp(wall_ns / 1e9, UTC)
+    return moment.isoformat(timespec='milliseconds').replace('+00:00', 'Z')
+
+
+def drop_once(ctx, label, watchers, buyers, only_item=False):
+    """One drop on a fresh SQLite node: `watchers` streams of the product,
+    its release scheduled a few seconds ahead, `buyers` new shoppers from
+    the moment the sizes appear (at once when there are no watchers)
+    until every size is sold out. Returns what was measured."""
+    s = ctx.settings
+    db_path = os.path.join(ctx.workdir, f'{label}.db')
+    catalogue = os.path.join(ctx.workdir, 'drop.toml')
+    drop_catalogue(catalogue, s.drop_pairs)
+    code, out, _ = ctx.procs.run([PY, NODE, 'seed', '--db',
+                                  f'sqlite:///{db_path}', '--catalog',
+                                  catalogue], f'seed-{label}', 60)
+    if code != 0:
+        raise RuntimeError(f'seed failed: {out}')
+    proc, port = start_node(ctx, f'node-{label}', f'sqlite:///{db_path}')
+    try:
+        product = products(port)[0]
+        item_ids = [i['id'] for i in product['items']]
+        files = {k: os.path.join(ctx.workdir, f'{label}.{k}')
+                 for k in ('events', 'purchases', 'first')}
+        cmd = [drop_client_binary(ctx), '--port', str(port),
+               '--streams', str(watchers),
+               '--path', f'/events?products={product["id"]}',
+               '--buyers', str(buyers),
+               '--items', ','.join(map(str, item_ids[:1] if only_item
+                                       else item_ids)),
+               '--buy-start', 'released' if watchers else 'go',
+               '--timeout', '180', '--linger', '2',
+               '--events', files['events'], '--purchases',
+               files['purchases'], '--first', files['first']]
+        client = ctx.procs.start(
+            cmd, f'drop-client-{label}', stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(os.path.join(ctx.workdir, f'{label}.log'), 'ab'))
+        try:
+            ready = client.stdout.readline().decode()
+            if not ready.startswith('ready'):
+                raise RuntimeError(f'the drop client said {ready!r}')
+            opened = parse_fields(ready)
+            time.sleep(1.0)
+            release_mono = schedule_drop(ctx, port, product['id'], watchers)
+            client.stdin.write(b'go\n')
+            client.stdin.flush()
+            hub_lag = watch_node(port, client)
+            done = parse_fields(client.stdout.readline().decode())
+            _, cpu = ctx.procs.reap(client, 60)
+        finally:
+            ctx.procs.stop(client)
+        result = {'label': label, 'watchers': watchers, 'buyers': buyers,
+                  'connected': int(opened['connected']),
+                  'connect_failed': int(opened['failed']),
+                  'client_cpu': cpu, 'hub_lag_ms': hub_lag,
+                  'peak_rss_kb': peak_rss_kb(proc.pid),
+                  'published': published_events(port)}
+        result.update(analyse_drop(files, release_mono, done, db_path,
+                                   result, s.drop_pairs))
+    finally:
+        ctx.procs.stop(proc)
+    say(f'  {label}: ' + ', '.join(
+        f'{k}={v:.1f}' if isinstance(v, float) else f'{k}={v}'
+        for k, v in result.items() if not isinstance(v, (dict, list))))
+    return result
+
+
+def schedule_drop(ctx, port, product_id, watchers):
+    """Schedule the release DROP_LEAD s ahead (with watchers: the page's
+    moment), or release now; the moment on CLOCK_MONOTONIC (ns)."""
+    if not watchers:
+        release(port, product_id)
+        return time.monotonic_ns()
+    wall = (time.time_ns() + int(ctx.settings.drop_lead * 1e9)) \
+        // 1_000_000 * 1_000_000
+    offset = time.time_ns() - time.monotonic_ns()
+    status, answer = api(port, 'POST',
+                         f'/admin/api/products/{product_id}/schedule',
+                         {'at': iso_at(wall)}, admin=True)
+    if status != 200:
+        raise RuntimeError(f'schedule: {status} {answer}')
+    return wall - offset
+
+
+def watch_node(port, client):
+    """While the drop runs: the worst hub lag the node reports (ms)."""
+    worst = 0.0
+    while client.poll() is None:
+        try:
+            _, health = api(port, 'GET', '/healthz')
+            worst = max(worst, health['hub_lag_ms']['max_10s'])
+        except (OSError, KeyError, ValueError):
+            pass
+        if select.select([client.stdout], [], [], 0.5)[0]:
+            break   # it says it is done
+    return worst
+
+
+def published_events(port):
+    """{event name: count} the node published (GET /metrics)."""
+    conn = socket.create_connection(('127.0.0.1', port), timeout=10)
+    try:
+        conn.sendall(f'GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: '
+                     f'Bearer {TOKEN}\r\nConnection: close\r\n\r\n'.encode())
+        raw = b''
+        while chunk := conn.recv(65536):
+            raw += chunk
+    finally:
+        conn.close()
+    text = raw.decode(errors='replace')
+    return {name: float(count) for name, count in re.findall(
+        r'sneakers23_sse_events_total\{event="(\w+)"\} ([0-9.e+]+)', text)}
+
+
+def read_records(path, fmt):
+    size = struct.calcsize(fmt)
+    with open(path, 'rb') as f:
+        raw = f.read()
+    return list(struct.iter_unpack(fmt, raw[:len(raw) // size * size]))
+
+
+def analyse_drop(files, release_mono, done, db_path, result, pairs):
+    """The drop's figures from the client's records and the database."""
+    deliveries = read_records(files['events'], '<IBqq')
+    purchases = read_records(files['purchases'], '<qiqqq')
+    first = {}
+    with open(files['first']) as f:
+        for line in f:
+            seq, kind, data = line.rstrip('\n').split('\t', 2)
+            first[int(seq)] = (int(kind), data)
+    streams = result['connected']
+    released = [t for _, kind, _, t in deliveries if kind == KIND_RELEASED]
+    stock = {}
+    for _, kind, seq, t in deliveries:
+        if kind == KIND_STOCK:
+            stock.setdefault(seq, []).append(t)
+    out = {'release_received': len(released)}
+    if released:
+        lat = [(t - release_mono) / 1e6 for t in released]
+        out.update(release_p50_ms=percentile(lat, 50),
+                   release_p99_ms=percentile(lat, 99),
+                   release_last_ms=max(lat))
+    published = int(result['published'].get('stock_change', 0))
+    out['stock_events'] = published
+    out['stock_missed'] = (published * streams
+                           - sum(len(ts) for ts in stock.values()))
+    sent = {order: sent for _, status, sent, _, order in purchases
+            if status == 201}
+    answered = {order: ans for _, status, _, ans, order in purchases
+                if status == 201}
+    with sqlite3.connect(db_path) as db:
+        orders = {}
+        for order_id, item_id in db.execute(
+                'SELECT id, item_id FROM orders ORDER BY id'):
+            orders.setdefault(item_id, []).append(order_id)
+        out['orders'] = db.execute(
+            'SELECT count(*) FROM orders').fetchone()[0]
+        out['left'] = db.execute(
+            'SELECT sum(count) FROM availability a JOIN item i ON '
+            'i.id = a.item_id WHERE i.product_id = 1').fetchone()[0]
+    # From the causing purchase's request (the shopper's click; its 201
+    # often comes back after the watchers heard: the fan-out runs first).
+    after_sale, after_answer = [], []
+    for seq, times in stock.items():
+        kind, data = first.get(seq, (None, None))
+        cause = causing_order(data, orders, pairs)
+        if cause in sent:
+            after_sale += [(t - sent[cause]) / 1e6 for t in times]
+            after_answer += [(t - answered[cause]) / 1e6 for t in times]
+    if after_sale:
+        out.update(stock_p50_ms=percentile(after_sale, 50),
+                   stock_p99_ms=percentile(after_sale, 99),
+                   stock_after_answer_p99_ms=percentile(after_answer, 99),
+                   stock_measured=len(after_sale))
+    out.update(purchase_figures(purchases, done))
+    return out
+
+
+def causing_order(data, orders, pairs):
+    """The order whose sale took an item to the level a stock_change
+    shows: the k-th order of the item leaves `pairs - k`."""
+    if not data:
+        return None
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return None
+    threshold = LEVEL_AT.get(event.get('level'))
+    item_orders = orders.get(event.get('item_id'), [])
+    k = pairs - threshold if threshold is not None else None
+    if k is None or not 0 < k <= len(item_orders):
+        return None
+    return item_orders[k - 1]
+
+
+def purchase_figures(purchases, done):
+    """Sell-out time, rate and latency of the buyers."""
+    if not purchases:
+        return {}
+    sold = [ans for _, status, _, ans, _ in purchases if status == 201]
+    start = int(done['buy_start_ns'])
+    seconds = (max(sold) - start) / 1e9 if sold else None
+    lat = [(ans - sent) / 1e6 for _, _, sent, ans, _ in purchases]
+    statuses = {}
+    for _, status, _, _, _ in purchases:
+        statuses[status] = statuses.get(status, 0) + 1
+    return {'sold': len(sold), 'sell_out_s': seconds,
+            'purchases_per_s': len(sold) / seconds if seconds else None,
+            'purchase_p50_ms': percentile(lat, 50),
+            'purchase_p99_ms': percentile(lat, 99),
+            'answers': statuses}
+
+
+def bench_drop(ctx):
+    s = ctx.settings
+    n = f'{s.drop_streams:,}'
+    pairs = s.drop_pairs * len(DROP_SIZES)
+    say(f'drop: {n} watchers, {pairs:,} pairs, {s.drop_buyers} buyers on '
+        'one SQLite node; each part alone first')
+    alone_watch = drop_once(ctx, 'watchers-alone', s.drop_streams, 1,
+                            only_item=True)
+    alone_buy = drop_once(ctx, 'buyers-alone', 0, s.drop_buyers)
+    drop = drop_once(ctx, 'drop', s.drop_streams, s.drop_buyers)
+    ctx.results['drop'] = {'watchers_alone': alone_watch,
+                           'buyers_alone': alone_buy, 'drop': drop}
+    ctx.row(f'drop: release -> {n} watchers, p50', drop.get(
+        'release_p50_ms'), alone_watch.get('release_p50_ms'), 'ms')
+    ctx.row(f'drop: release -> {n} watchers, p99', drop.get(
+        'release_p99_ms'), alone_watch.get('release_p99_ms'), 'ms',
+        '<= 150 ms', higher_is_better=False, target_value=150)
+    ctx.row(f'drop: release -> last of {n} watchers', drop.get(
+        'release_last_ms'), alone_watch.get('release_last_ms'), 'ms')
+    ctx.row(f'drop: stock_change sale -> {n} watchers, p50', drop.get(
+        'stock_p50_ms'), alone_watch.get('stock_p50_ms'), 'ms')
+    ctx.row(f'drop: stock_change sale -> {n} watchers, p99', drop.get(
+        'stock_p99_ms'), alone_watch.get('stock_p99_ms'), 'ms',
+        '<= 200 ms', higher_is_better=False, target_value=200)
+    ctx.row('drop: stock_change deliveries missed', drop['stock_missed'],
+            alone_watch['stock_missed'], 'count', '0',
+            higher_is_better=False, target_value=0)
+    ctx.row(f'drop: {pairs:,} pairs sold out in', drop.get('sell_out_s'),
+            alone_buy.get('sell_out_s'), 's')
+    ctx.row('drop: purchases/s', drop.get('purchases_per_s'),
+            alone_buy.get('purchases_per_s'), '/s', '>= 0.7x',
+            target_ratio=0.7)
+    ctx.row('drop: purchase latency p50', drop.get('purchase_p50_ms'),
+            alone_buy.get('purchase_p50_ms'), 'ms')
+    ctx.row('drop: purchase latency p99', drop.get('purchase_p99_ms'),
+            alone_buy.get('purchase_p99_ms'), 'ms', '<= 250 ms',
+            higher_is_better=False, target_value=250)
+    ctx.row('drop: worst hub lag', drop['hub_lag_ms'],
+            alone_buy['hub_lag_ms'], 'ms', '<= 50 ms',
+            higher_is_better=False, target_value=50)
+    ctx.row('drop: peak RSS of the node', drop['peak_rss_kb'] / 1024,
+            alone_watch['peak_rss_kb'] / 1024, 'MB')
+    if drop.get('stock_after_answer_p99_ms') is not None:
+        ctx.note(f'drop: stock_change p99 from the causing purchase\'s 201 '
+                 f'answer instead of its request: '
+                 f'{drop["stock_after_answer_p99_ms"]:.1f} ms (alone '
+                 f'{alone_watch.get("stock_after_answer_p99_ms") or 0:.1f}'
+                 ' ms; below 0: the watchers heard before the buyer)')
+    expected = drop['stock_events'] * drop['connected']
+    if drop.get('stock_measured', 0) < expected - drop['stock_missed']:
+        ctx.note(f'drop: {drop.get("stock_measured", 0)} of {expected} '
+                 'stock_change deliveries could be tied to their sale')
+    for r in (alone_buy, drop):
+        if r.get('orders') != pairs or r.get('left') != 0 \
+                or r.get('sold') != pairs:
+            ctx.note(f'drop {r["label"]}: {r.get("sold")} answered 201, '
+                     f'{r.get("orders")} orders, {r.get("left")} pairs left '
+                     f'of {pairs}: NOT all sold exactly once')
+        else:
+            ctx.note(f'drop {r["label"]}: {pairs:,} pairs, {pairs:,} orders,'
+                     f' 0 left, every 201 an order (no oversell); answers '
+                     f'{r.get("answers")}')
+
+
+# ---------------------------------------------------------------------------
+# How cost grows with the crowd: the scaling curve
+# ---------------------------------------------------------------------------
+
+CURVE_STREAMS = (1000, 2500, 5000, 10_000, 15_000)
+CURVE_BUYERS = (50, 200, 500, 1000)
+
+
+def bench_curve(ctx):
+    """Fan-out p99 and memory per stream at 1k..15k streams; purchases/s
+    at 50..1,000 buyers; drawn as a PNG (matplotlib, bench only)."""
+    s = ctx.settings
+    streams = [n for n in CURVE_STREAMS if n <= s.curve_max_streams]
+    say(f'curve: fan-out at {streams} streams, purchases at '
+        f'{list(CURVE_BUYERS)} buyers')
+    fan = [curve_fan_out(ctx, n) for n in streams]
+    buys = [curve_purchases(ctx, n) for n in CURVE_BUYERS]
+    ctx.results['curve'] = {'fan_out': fan, 'purchases': buys}
+    for point in fan:
+        ctx.row(f'curve: stock_change to {point["streams"]:,} streams, '
+                'p99', point['p99_ms'], None, 'ms')
+        ctx.row(f'curve: memory per stream at {point["streams"]:,}',
+                point['kb_per_stream'], None, 'KB')
+    for point in buys:
+        ctx.row(f'curve: purchases/s with {point["buyers"]:,} buyers',
+                point['ok_per_s'], None, '/s')
+    png = draw_curve(ctx.args.png, fan, buys)
+    if png:
+        ctx.note(f'curve: drawn in {os.path.relpath(png, ROOT)}')
+
+
+def curve_fan_out(ctx, streams):
+    """One node, `streams` streams, 3 stock_change rounds."""
+    saved = ctx.settings.streams
+    ctx.settings.streams = streams
+    path = os.path.join(ctx.workdir, f'curve-{streams}.db')
+    proc, port = start_node(ctx, f'node-curve-{streams}',
+                            f'sqlite:///{path}')
+    try:
+        chosen = items_below(port, 150, 3)
+        for product_id in {p for p, _, _ in chosen}:
+            release(port, product_id)
+        for _, item, count in chosen:
+            restock_to(port, item, count, 150)
+        result = fan_out(ctx, f'curve-{streams}', proc, port,
+                         [i for _, i, _ in chosen])
+    finally:
+        ctx.procs.stop(proc)
+        ctx.settings.streams = saved
+    return {'streams': streams, 'p50_ms': result['p50_ms'],
+            'p99_ms': result['p99_ms'], 'max_ms': result['max_ms'],
+            'kb_per_stream': result['kb_per_stream'],
+            'received': result['received'], 'expected': result['expected']}
+
+
+def curve_purchases(ctx, buyers):
+    """wrk with `buyers` connections on one hot item, new shoppers."""
+    node = ctx.sqlite_node()
+    _, item = hot_item(node['port'])
+    saved = ctx.settings.wrk_conns, ctx.settings.wrk_seconds
+    ctx.settings.wrk_conns, ctx.settings.wrk_seconds = buyers, 5
+    try:
+        result = wrk(ctx, f'wrk-curve-{buyers}',
+                     f'http://127.0.0.1:{node["port"]}/api/purchase',
+                     'purchase.lua', {'ITEM_ID': str(item)},
+                     server=node['proc'])
+    finally:
+        ctx.settings.wrk_conns, ctx.settings.wrk_seconds = saved
+    return {'buyers': buyers, 'ok_per_s': result['ok_per_s'],
+            'p99_ms': result['p99_us'] / 1000}
+
+
+def draw_curve(path, fan, buys):
+    """The PNG of the curve; None (and a note why) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say('  curve: matplotlib is missing (pip install -r '
+            'bench/requirements.txt): no PNG')
+        return None
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = [p['streams'] for p in fan]
+    left.plot(xs, [p['p99_ms'] for p in fan], 'o-', color='#ff4f1f',
+              label='fan-out p99 (ms)')
+    left.plot(xs, [p['p50_ms'] for p in fan], 'o--', color='#ff4f1f',
+              alpha=.5, label='fan-out p50 (ms)')
+    left.axhline(100, color='#888', lw=1, ls=':', label='target p99 100 ms')
+    left.set_xlabel('open SSE streams')
+    left.set_ylabel('ms from the purchase to each stream')
+    memory = left.twinx()
+    memory.plot(xs, [p['kb_per_stream'] for p in fan], 's-',
+                color='#2563eb', label='KB per stream')
+    memory.set_ylabel('KB of node memory per stream', color='#2563eb')
+    memory.set_ylim(0, max(p['kb_per_stream'] for p in fan) * 2.2)
+    left.set_ylim(0, max(120, max(p['p99_ms'] for p in fan) * 1.3))
+    lines = left.get_lines() + memory.get_lines()
+    left.legend(lines, [line.get_label() for line in lines],
+                loc='upper left', fontsize=8, ncols=2)
+    left.set_title('One stock_change to every stream')
+    right.plot([p['buyers'] for p in buys], [p['ok_per_s'] for p in buys],
+               'o-', color='#15803d')
+    right.set_xlabel('concurrent buyers (new shopper per request)')
+    right.set_ylabel('purchases per second')
+    right.set_ylim(bottom=0)
+    right.set_title('Purchases of one item, SQLite')
+    figure.suptitle('sneakers23 on one node: cost as the crowd grows',
+                    fontsize=11)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
 
@@ -1168,6 +1612,8 @@ def fmt(value, unit):
         return f'{value:,.1f} {unit}'
     if unit == 's':
         return f'{value:.2f} s'
+    if unit == 'count':
+        return f'{value:,.0f}'
     return f'{value:,.0f}/s'
 
 
@@ -1198,7 +1644,8 @@ def table(rows):
 BENCHES = {'sse': bench_sse, 'purchases_sqlite': bench_purchases_sqlite,
            'sold_out': bench_sold_out, 'reads': bench_reads,
            'purchases_pg': bench_purchases_pg,
-           'replication': bench_replication, 'cold_start': bench_cold_start}
+           'replication': bench_replication, 'cold_start': bench_cold_start,
+           'drop': bench_drop, 'curve': bench_curve}
 
 
 def parse_args(argv):
@@ -1221,6 +1668,8 @@ def parse_args(argv):
                         metavar='S',
                         help='before each benchmark, wait up to S seconds '
                              'for the CPUs to be idle (default 30)')
+    parser.add_argument('--png', default=os.path.join(RESULTS, 'scaling.png'),
+                        help='where `curve` draws its PNG')
     parser.add_argument('--json', default=os.path.join(RESULTS,
                                                        'latest.json'),
                         help='where to write the results')
