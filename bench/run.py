@@ -1218,6 +1218,7 @@ def drop_once(ctx, label, watchers, buyers, only_item=False):
                 raise RuntimeError(f'the drop client said {ready!r}')
             opened = parse_fields(ready)
             time.sleep(1.0)
+            profiler = start_profile(ctx, label, proc)
             release_mono = schedule_drop(ctx, port, product['id'], watchers)
             client.stdin.write(b'go\n')
             client.stdin.flush()
@@ -1226,12 +1227,14 @@ def drop_once(ctx, label, watchers, buyers, only_item=False):
             _, cpu = ctx.procs.reap(client, 60)
         finally:
             ctx.procs.stop(client)
+            profile = stop_profile(ctx, profiler)
         result = {'label': label, 'watchers': watchers, 'buyers': buyers,
                   'connected': int(opened['connected']),
                   'connect_failed': int(opened['failed']),
                   'client_cpu': cpu, 'hub_lag_ms': hub_lag,
                   'peak_rss_kb': peak_rss_kb(proc.pid),
-                  'published': published_events(port)}
+                  'published': published_events(port),
+                  'profile': profile}
         result.update(analyse_drop(files, release_mono, done, db_path,
                                    result, s.drop_pairs))
     finally:
@@ -1240,6 +1243,41 @@ def drop_once(ctx, label, watchers, buyers, only_item=False):
         f'{k}={v:.1f}' if isinstance(v, float) else f'{k}={v}'
         for k, v in result.items() if not isinstance(v, (dict, list))))
     return result
+
+
+def start_profile(ctx, label, proc):
+    """py-spy sampling the node through the drop (`--profile`), or None."""
+    spy = os.path.join(ROOT, '.venv', 'bin', 'py-spy')
+    if not ctx.args.profile or label != 'drop' or not os.path.exists(spy):
+        return None
+    out = os.path.join(RESULTS, 'drop-profile.txt')
+    return ctx.procs.start([spy, 'record', '--pid', str(proc.pid),
+                            '--rate', '200', '--threads', '--nonblocking',
+                            '--format', 'raw', '--output', out],
+                           'py-spy'), out
+
+
+def stop_profile(ctx, profiler):
+    """Where the node's time went: the top leaf functions, in % of
+    samples (idle waits excluded), from py-spy's folded stacks."""
+    if not profiler:
+        return None
+    proc, out = profiler
+    proc.send_signal(signal.SIGINT)
+    ctx.procs.reap(proc, 30)
+    leaves, total = {}, 0
+    with open(out) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(' ')
+            leaf = stack.rsplit(';', 1)[-1]
+            if any(idle in leaf for idle in ('epoll_wait', 'wait (thread',
+                                              '(gevent/_gevent_c_hub')):
+                continue
+            leaves[leaf] = leaves.get(leaf, 0) + int(count)
+            total += int(count)
+    top = sorted(leaves.items(), key=lambda kv: -kv[1])[:15]
+    return {'samples': total, 'file': os.path.relpath(out, ROOT),
+            'top': [(leaf, round(100 * n / total, 1)) for leaf, n in top]}
 
 
 def schedule_drop(ctx, port, product_id, watchers):
@@ -1268,7 +1306,7 @@ def watch_node(port, client):
             worst = max(worst, health['hub_lag_ms']['max_10s'])
         except (OSError, KeyError, ValueError):
             pass
-        if select.select([client.stdout], [], [], 0.5)[0]:
+        if select.select([client.stdout], [], [], 2.0)[0]:
             break   # it says it is done
     return worst
 
@@ -1337,13 +1375,20 @@ def analyse_drop(files, release_mono, done, db_path, result, pairs):
             'i.id = a.item_id WHERE i.product_id = 1').fetchone()[0]
     # From the causing purchase's request (the shopper's click; its 201
     # often comes back after the watchers heard: the fan-out runs first).
-    after_sale, after_answer = [], []
-    for seq, times in stock.items():
+    after_sale, after_answer, per_event = [], [], []
+    start = int(done.get('buy_start_ns') or 0)
+    for seq, times in sorted(stock.items()):
         kind, data = first.get(seq, (None, None))
         cause = causing_order(data, orders, pairs)
         if cause in sent:
             after_sale += [(t - sent[cause]) / 1e6 for t in times]
             after_answer += [(t - answered[cause]) / 1e6 for t in times]
+            per_event.append({  # ms from the first buyer's start
+                'seq': seq, 'event': data, 'sent': (sent[cause] - start)
+                / 1e6, 'answered': (answered[cause] - start) / 1e6,
+                'first': (min(times) - start) / 1e6,
+                'last': (max(times) - start) / 1e6})
+    out['per_event'] = per_event
     if after_sale:
         out.update(stock_p50_ms=percentile(after_sale, 50),
                    stock_p99_ms=percentile(after_sale, 99),
@@ -1430,6 +1475,12 @@ def bench_drop(ctx):
             higher_is_better=False, target_value=50)
     ctx.row('drop: peak RSS of the node', drop['peak_rss_kb'] / 1024,
             alone_watch['peak_rss_kb'] / 1024, 'MB')
+    if drop.get('profile'):
+        ctx.note(f'drop: where the node\'s time went (py-spy, '
+                 f'{drop["profile"]["samples"]} samples, '
+                 f'{drop["profile"]["file"]}): ' + '; '.join(
+                     f'{share}% {leaf}' for leaf, share
+                     in drop['profile']['top']))
     if drop.get('stock_after_answer_p99_ms') is not None:
         ctx.note(f'drop: stock_change p99 from the causing purchase\'s 201 '
                  f'answer instead of its request: '
@@ -1668,6 +1719,9 @@ def parse_args(argv):
                         metavar='S',
                         help='before each benchmark, wait up to S seconds '
                              'for the CPUs to be idle (default 30)')
+    parser.add_argument('--profile', action='store_true',
+                        help='drop: sample the node with py-spy during the '
+                             'drop and print where its time went')
     parser.add_argument('--png', default=os.path.join(RESULTS, 'scaling.png'),
                         help='where `curve` draws its PNG')
     parser.add_argument('--json', default=os.path.join(RESULTS,
