@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Benchmarks of sneakers23, each figure beside its baseline.
 
-    .venv/bin/python bench/run.py                   # everything, ~2-3 min
+    .venv/bin/python bench/run.py                   # everything, ~6-8 min
     .venv/bin/python bench/run.py sse reads         # some of them
     .venv/bin/python bench/run.py --quick           # a smoke test
 
 Benchmarks (by name): sse, purchases_sqlite, sold_out, reads,
-purchases_pg, replication, cold_start. Every server and load generator
+purchases_pg, replication, cold_start, drop, curve. Every server and load generator
 runs as its own process on this machine; each baseline is measured in
 the same run, with the same client. Nothing here asserts a timing: it
 prints a table (figure, sneakers23, baseline, ratio, target, the load
