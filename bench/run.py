@@ -6,8 +6,9 @@
     .venv/bin/python bench/run.py --quick           # a smoke test
 
 Benchmarks (by name): sse, purchases_sqlite, sold_out, reads,
-purchases_pg, replication, cold_start, drop, curve. Every server and load generator
-runs as its own process on this machine; each baseline is measured in
+purchases_pg, replication, cold_start, drop (--nodes 3: on PostgreSQL),
+curve. Every server and load generator runs as its own process on this
+machine; each baseline is measured in
 the same run, with the same client. Nothing here asserts a timing: it
 prints a table (figure, sneakers23, baseline, ratio, target, the load
 generator's CPU time) and writes everything to bench/results/latest.json.
@@ -1178,71 +1179,131 @@ def iso_at(wall_ns):
     return moment.isoformat(timespec='milliseconds').replace('+00:00', 'Z')
 
 
-def drop_once(ctx, label, watchers, buyers, only_item=False):
-    """One drop on a fresh SQLite node: `watchers` streams of the product,
-    its release scheduled a few seconds ahead, `buyers` new shoppers from
-    the moment the sizes appear (at once when there are no watchers)
-    until every size is sold out. Returns what was measured."""
+def drop_once(ctx, label, watchers, buyers, only_item=False, nodes=1):
+    """One drop on fresh nodes (one on SQLite, or three of one peers.toml
+    on PostgreSQL): `watchers` streams of the product, its release
+    scheduled a few seconds ahead, `buyers` new shoppers from the moment
+    the sizes appear (at once when there are no watchers) until every
+    size is sold out; watchers and buyers split evenly over the nodes.
+    Returns what was measured."""
     s = ctx.settings
-    db_path = os.path.join(ctx.workdir, f'{label}.db')
-    catalogue = os.path.join(ctx.workdir, 'drop.toml')
-    drop_catalogue(catalogue, s.drop_pairs)
-    code, out, _ = ctx.procs.run([PY, NODE, 'seed', '--db',
-                                  f'sqlite:///{db_path}', '--catalog',
-                                  catalogue], f'seed-{label}', 60)
-    if code != 0:
-        raise RuntimeError(f'seed failed: {out}')
-    proc, port = start_node(ctx, f'node-{label}', f'sqlite:///{db_path}')
+    started, db = drop_nodes(ctx, label, nodes)
+    clients = []
     try:
-        product = products(port)[0]
+        product = products(started[0]['port'])[0]
         item_ids = [i['id'] for i in product['items']]
-        files = {k: os.path.join(ctx.workdir, f'{label}.{k}')
-                 for k in ('events', 'purchases', 'first')}
-        cmd = [drop_client_binary(ctx), '--port', str(port),
-               '--streams', str(watchers),
-               '--path', f'/events?products={product["id"]}',
-               '--buyers', str(buyers),
-               '--items', ','.join(map(str, item_ids[:1] if only_item
-                                       else item_ids)),
-               '--buy-start', 'released' if watchers else 'go',
-               '--timeout', '180', '--linger', '2',
-               '--events', files['events'], '--purchases',
-               files['purchases'], '--first', files['first']]
-        client = ctx.procs.start(
-            cmd, f'drop-client-{label}', stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=open(os.path.join(ctx.workdir, f'{label}.log'), 'ab'))
+        for node in started:
+            clients.append(start_drop_client(
+                ctx, label, node, product['id'], watchers // nodes,
+                buyers // nodes, item_ids[:1] if only_item else item_ids))
+        time.sleep(1.0)
+        profiler = start_profile(ctx, label, started[0]['proc'])
         try:
-            ready = client.stdout.readline().decode()
-            if not ready.startswith('ready'):
-                raise RuntimeError(f'the drop client said {ready!r}')
-            opened = parse_fields(ready)
-            time.sleep(1.0)
-            profiler = start_profile(ctx, label, proc)
-            release_mono = schedule_drop(ctx, port, product['id'], watchers)
-            client.stdin.write(b'go\n')
-            client.stdin.flush()
-            hub_lag = watch_node(port, client)
-            done = parse_fields(client.stdout.readline().decode())
-            _, cpu = ctx.procs.reap(client, 60)
+            release_mono = schedule_drop(ctx, started[0]['port'],
+                                         product['id'], watchers)
+            for client in clients:
+                client['proc'].stdin.write(b'go\n')
+                client['proc'].stdin.flush()
+            hub_lag = watch_nodes(started, clients)
+            for client in clients:
+                client['done'] = parse_fields(
+                    client['proc'].stdout.readline().decode())
+                _, client['cpu'] = ctx.procs.reap(client['proc'], 60)
         finally:
-            ctx.procs.stop(client)
+            for client in clients:
+                ctx.procs.stop(client['proc'])
             profile = stop_profile(ctx, profiler)
-        result = {'label': label, 'watchers': watchers, 'buyers': buyers,
-                  'connected': int(opened['connected']),
-                  'connect_failed': int(opened['failed']),
-                  'client_cpu': cpu, 'hub_lag_ms': hub_lag,
-                  'peak_rss_kb': peak_rss_kb(proc.pid),
-                  'published': published_events(port),
+        result = {'label': label, 'nodes': nodes, 'watchers': watchers,
+                  'buyers': buyers,
+                  'connected': sum(c['connected'] for c in clients),
+                  'connect_failed': sum(c['failed'] for c in clients),
+                  'client_cpu': sum(c['cpu'] for c in clients),
+                  'hub_lag_ms': hub_lag,
+                  'peak_rss_kb': max(peak_rss_kb(n['proc'].pid)
+                                     for n in started),
                   'profile': profile}
-        result.update(analyse_drop(files, release_mono, done, db_path,
-                                   result, s.drop_pairs))
+        for client in clients:
+            client['published'] = published_events(client['node']['port'])
+        result.update(analyse_drop(clients, release_mono, db, s.drop_pairs))
+        result['unequal_nodes'] = nodes_unequal(started, db)
     finally:
-        ctx.procs.stop(proc)
+        for node in started:
+            ctx.procs.stop(node['proc'])
     say(f'  {label}: ' + ', '.join(
         f'{k}={v:.1f}' if isinstance(v, float) else f'{k}={v}'
         for k, v in result.items() if not isinstance(v, (dict, list))))
     return result
+
+
+def drop_nodes(ctx, label, nodes):
+    """Seed the drop and start its nodes: ([{proc, port, name}], db),
+    db being ('sqlite', path) or ('pg', url)."""
+    catalogue = os.path.join(ctx.workdir, 'drop.toml')
+    drop_catalogue(catalogue, ctx.settings.drop_pairs)
+    if nodes == 1:
+        path = os.path.join(ctx.workdir, f'{label}.db')
+        db, seed = ('sqlite', path), ['--db', f'sqlite:///{path}']
+    else:
+        db, seed = ('pg', ctx.args.pg), ['--reset', '--db', ctx.args.pg]
+    code, out, _ = ctx.procs.run([PY, NODE, 'seed', *seed, '--catalog',
+                                  catalogue], f'seed-{label}', 120)
+    if code != 0:
+        raise RuntimeError(f'seed failed: {out}')
+    if nodes == 1:
+        proc, port = start_node(ctx, f'node-{label}',
+                                f'sqlite:///{db[1]}')
+        return [{'proc': proc, 'port': port, 'name': 'a'}], db
+    return start_cluster(ctx, label, db[1], 'abc'[:nodes]), db
+
+
+def start_cluster(ctx, label, url, names):
+    """Nodes of one peers.toml on `url`, every one hearing the others."""
+    ports = {n: (free_port(), free_port()) for n in names}
+    config = os.path.join(ctx.workdir, f'{label}-peers.toml')
+    with open(config, 'w') as f:
+        f.write(f'database = "{url}"\n')
+        for n, (http, repl) in ports.items():
+            f.write(f'\n[nodes.{n}]\nhttp = "127.0.0.1:{http}"\n'
+                    f'replication = "tcp://127.0.0.1:{repl}"\n')
+    started = []
+    for n in names:
+        proc = ctx.procs.start([PY, NODE, '--config', config, '--node', n],
+                               f'node-{label}-{n}', env=node_env())
+        started.append({'proc': proc, 'port': ports[n][0], 'name': n})
+    for node in started:
+        wait_ready(ctx.procs, node['proc'], node['port'])
+    wait_until(lambda: all(
+        p['state'] == 'connected' for node in started
+        for p in api(node['port'], 'GET', '/healthz')[1]['peers'].values()),
+        15, 'the nodes do not hear each other')
+    return started
+
+
+def start_drop_client(ctx, label, node, product_id, watchers, buyers,
+                      item_ids):
+    """drop_client.c on one node, its streams open: its record."""
+    name = f'{label}-{node["name"]}'
+    files = {k: os.path.join(ctx.workdir, f'{name}.{k}')
+             for k in ('events', 'purchases', 'first')}
+    cmd = [drop_client_binary(ctx), '--port', str(node['port']),
+           '--streams', str(watchers),
+           '--path', f'/events?products={product_id}',
+           '--buyers', str(buyers), '--items', ','.join(map(str, item_ids)),
+           '--buy-start', 'released' if watchers else 'go',
+           '--timeout', '180', '--linger', '2',
+           '--events', files['events'], '--purchases', files['purchases'],
+           '--first', files['first']]
+    proc = ctx.procs.start(
+        cmd, f'drop-client-{name}', stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=open(os.path.join(ctx.workdir, f'{name}.log'), 'ab'))
+    ready = proc.stdout.readline().decode()
+    if not ready.startswith('ready'):
+        raise RuntimeError(f'the drop client said {ready!r}')
+    opened = parse_fields(ready)
+    return {'proc': proc, 'node': node, 'files': files,
+            'connected': int(opened['connected']),
+            'failed': int(opened['failed'])}
 
 
 def start_profile(ctx, label, proc):
@@ -1297,17 +1358,21 @@ def schedule_drop(ctx, port, product_id, watchers):
     return wall - offset
 
 
-def watch_node(port, client):
-    """While the drop runs: the worst hub lag the node reports (ms)."""
+def watch_nodes(started, clients):
+    """While the drop runs: the worst hub lag any node reports (ms)."""
     worst = 0.0
-    while client.poll() is None:
-        try:
-            _, health = api(port, 'GET', '/healthz')
-            worst = max(worst, health['hub_lag_ms']['max_10s'])
-        except (OSError, KeyError, ValueError):
-            pass
-        if select.select([client.stdout], [], [], 2.0)[0]:
-            break   # it says it is done
+    while any(c['proc'].poll() is None for c in clients):
+        for node in started:
+            try:
+                _, health = api(node['port'], 'GET', '/healthz')
+                worst = max(worst, health['hub_lag_ms']['max_10s'])
+            except (OSError, KeyError, ValueError):
+                pass
+        waiting = [c['proc'].stdout for c in clients if 'said' not in c]
+        for ready in select.select(waiting, [], [], 2.0)[0]:
+            next(c for c in clients if c['proc'].stdout is ready)['said'] = 1
+        if all('said' in c for c in clients):
+            break   # every client says it is done
     return worst
 
 
@@ -1334,93 +1399,129 @@ def read_records(path, fmt):
     return list(struct.iter_unpack(fmt, raw[:len(raw) // size * size]))
 
 
-def analyse_drop(files, release_mono, done, db_path, result, pairs):
-    """The drop's figures from the client's records and the database."""
-    deliveries = read_records(files['events'], '<IBqq')
-    purchases = read_records(files['purchases'], '<qiqqq')
-    first = {}
-    with open(files['first']) as f:
-        for line in f:
-            seq, kind, data = line.rstrip('\n').split('\t', 2)
-            first[int(seq)] = (int(kind), data)
-    streams = result['connected']
-    released = [t for _, kind, _, t in deliveries if kind == KIND_RELEASED]
-    stock = {}
-    for _, kind, seq, t in deliveries:
-        if kind == KIND_STOCK:
-            stock.setdefault(seq, []).append(t)
-    out = {'release_received': len(released)}
-    if released:
-        lat = [(t - release_mono) / 1e6 for t in released]
-        out.update(release_p50_ms=percentile(lat, 50),
-                   release_p99_ms=percentile(lat, 99),
-                   release_last_ms=max(lat))
-    published = int(result['published'].get('stock_change', 0))
-    out['stock_events'] = published
-    out['stock_missed'] = (published * streams
-                           - sum(len(ts) for ts in stock.values()))
-    sent = {order: sent for _, status, sent, _, order in purchases
+def drop_rows(db, sql):
+    """Rows of a query on the drop's database (SQLite or PostgreSQL)."""
+    kind, where = db
+    if kind == 'sqlite':
+        with sqlite3.connect(where) as conn:
+            return conn.execute(sql).fetchall()
+    import psycopg2
+    return pg_query(psycopg2, where, sql)
+
+
+def nodes_unequal(started, db):
+    """Nodes whose counts differ from the database's, 2 s after the end."""
+    truth = dict(drop_rows(db, 'SELECT item_id, count FROM availability'))
+    deadline, unequal = time.monotonic() + 2, []
+    while time.monotonic() < deadline:
+        unequal = [n['name'] for n in started
+                   if item_counts(n['port']) != truth]
+        if not unequal:
+            break
+        time.sleep(0.1)
+    return unequal
+
+
+def analyse_drop(clients, release_mono, db, pairs):
+    """The drop's figures from the clients' records and the database."""
+    orders = {}
+    for order_id, item_id, node in drop_rows(
+            db, 'SELECT id, item_id, node FROM orders ORDER BY id'):
+        orders.setdefault(item_id, []).append((order_id, node))
+    purchases = [p for c in clients
+                 for p in read_records(c['files']['purchases'], '<qiqqq')]
+    sent = {order: t for _, status, t, _, order in purchases
             if status == 201}
-    answered = {order: ans for _, status, _, ans, order in purchases
+    answered = {order: t for _, status, _, t, order in purchases
                 if status == 201}
-    with sqlite3.connect(db_path) as db:
-        orders = {}
-        for order_id, item_id in db.execute(
-                'SELECT id, item_id FROM orders ORDER BY id'):
-            orders.setdefault(item_id, []).append(order_id)
-        out['orders'] = db.execute(
-            'SELECT count(*) FROM orders').fetchone()[0]
-        out['left'] = db.execute(
-            'SELECT sum(count) FROM availability a JOIN item i ON '
-            'i.id = a.item_id WHERE i.product_id = 1').fetchone()[0]
-    # From the causing purchase's request (the shopper's click; its 201
-    # often comes back after the watchers heard: the fan-out runs first).
-    after_sale, after_answer, per_event = [], [], []
-    start = int(done.get('buy_start_ns') or 0)
-    for seq, times in sorted(stock.items()):
-        kind, data = first.get(seq, (None, None))
-        cause = causing_order(data, orders, pairs)
-        if cause in sent:
-            after_sale += [(t - sent[cause]) / 1e6 for t in times]
+    released, after_sale, after_answer, cross, per_event = [], [], [], [], []
+    out = {'stock_events': 0, 'stock_missed': 0, 'stock_expected': 0}
+    starts = [int(c['done']['buy_start_ns']) for c in clients
+              if int(c['done'].get('buy_start_ns', 0))]
+    start = min(starts) if starts else 0
+    for client in clients:
+        name = client['node']['name']
+        first = read_first(client['files']['first'])
+        stock = {}
+        for _, kind, seq, t in read_records(client['files']['events'],
+                                            '<IBqq'):
+            if kind == KIND_RELEASED:
+                released.append((t - release_mono) / 1e6)
+            elif kind == KIND_STOCK:
+                stock.setdefault(seq, []).append(t)
+        published = int(client['published'].get('stock_change', 0))
+        out['stock_events'] += published
+        out['stock_expected'] += published * client['connected']
+        out['stock_missed'] += (published * client['connected']
+                                - sum(len(ts) for ts in stock.values()))
+        for seq, times in sorted(stock.items()):
+            cause, node = causing_order(first.get(seq), orders, pairs)
+            if cause not in sent:
+                continue
+            late = [(t - sent[cause]) / 1e6 for t in times]
+            after_sale += late
             after_answer += [(t - answered[cause]) / 1e6 for t in times]
-            per_event.append({  # ms from the first buyer's start
-                'seq': seq, 'event': data, 'sent': (sent[cause] - start)
-                / 1e6, 'answered': (answered[cause] - start) / 1e6,
+            if node != name:
+                cross += late
+            per_event.append({
+                'node': name, 'seq': seq, 'event': first.get(seq),
+                'sold_on': node, 'sent': (sent[cause] - start) / 1e6,
+                'answered': (answered[cause] - start) / 1e6,
                 'first': (min(times) - start) / 1e6,
                 'last': (max(times) - start) / 1e6})
-    out['per_event'] = per_event
+    out['release_received'] = len(released)
+    if released:
+        out.update(release_p50_ms=percentile(released, 50),
+                   release_p99_ms=percentile(released, 99),
+                   release_last_ms=max(released))
     if after_sale:
         out.update(stock_p50_ms=percentile(after_sale, 50),
                    stock_p99_ms=percentile(after_sale, 99),
                    stock_after_answer_p99_ms=percentile(after_answer, 99),
                    stock_measured=len(after_sale))
-    out.update(purchase_figures(purchases, done))
+    if cross:
+        out.update(cross_p50_ms=percentile(cross, 50),
+                   cross_p99_ms=percentile(cross, 99),
+                   cross_measured=len(cross))
+    out['per_event'] = per_event
+    out['orders'] = drop_rows(db, 'SELECT count(*) FROM orders')[0][0]
+    out['left'] = drop_rows(
+        db, 'SELECT sum(a.count) FROM availability a JOIN item i ON '
+            'i.id = a.item_id WHERE i.product_id = 1')[0][0]
+    out.update(purchase_figures(purchases, start))
     return out
 
 
+def read_first(path):
+    """{seq: data} of stream 0's events."""
+    first = {}
+    with open(path) as f:
+        for line in f:
+            seq, _, data = line.rstrip('\n').split('\t', 2)
+            first[int(seq)] = data
+    return first
+
+
 def causing_order(data, orders, pairs):
-    """The order whose sale took an item to the level a stock_change
-    shows: the k-th order of the item leaves `pairs - k`."""
-    if not data:
-        return None
+    """(order id, node) of the sale that took an item to the level a
+    stock_change shows: the k-th order of the item leaves `pairs - k`."""
     try:
-        event = json.loads(data)
+        event = json.loads(data or '')
     except ValueError:
-        return None
+        return None, None
     threshold = LEVEL_AT.get(event.get('level'))
     item_orders = orders.get(event.get('item_id'), [])
     k = pairs - threshold if threshold is not None else None
     if k is None or not 0 < k <= len(item_orders):
-        return None
+        return None, None
     return item_orders[k - 1]
 
 
-def purchase_figures(purchases, done):
-    """Sell-out time, rate and latency of the buyers."""
+def purchase_figures(purchases, start):
+    """Sell-out time, rate and latency of the buyers (from `start`, ns)."""
     if not purchases:
         return {}
     sold = [ans for _, status, _, ans, _ in purchases if status == 201]
-    start = int(done['buy_start_ns'])
     seconds = (max(sold) - start) / 1e9 if sold else None
     lat = [(ans - sent) / 1e6 for _, _, sent, ans, _ in purchases]
     statuses = {}
@@ -1434,16 +1535,38 @@ def purchase_figures(purchases, done):
 
 
 def bench_drop(ctx):
-    s = ctx.settings
+    s, nodes = ctx.settings, ctx.args.nodes
     n = f'{s.drop_streams:,}'
     pairs = s.drop_pairs * len(DROP_SIZES)
+    where = ('one SQLite node' if nodes == 1
+             else f'{nodes} nodes on PostgreSQL ({ctx.args.pg})')
     say(f'drop: {n} watchers, {pairs:,} pairs, {s.drop_buyers} buyers on '
-        'one SQLite node; each part alone first')
-    alone_watch = drop_once(ctx, 'watchers-alone', s.drop_streams, 1,
-                            only_item=True)
-    alone_buy = drop_once(ctx, 'buyers-alone', 0, s.drop_buyers)
-    drop = drop_once(ctx, 'drop', s.drop_streams, s.drop_buyers)
-    ctx.results['drop'] = {'watchers_alone': alone_watch,
+        f'{where}; each part alone first')
+    if nodes > 1 and not pg_ready(ctx):
+        return
+    ctx.monitor.ignore = {'postgres'} if nodes > 1 else set()
+    try:
+        alone_watch = drop_once(ctx, 'watchers-alone', s.drop_streams,
+                                nodes, only_item=True, nodes=nodes)
+        alone_buy = drop_once(ctx, 'buyers-alone', 0, s.drop_buyers,
+                              nodes=nodes)
+        drop = drop_once(ctx, 'drop', s.drop_streams, s.drop_buyers,
+                         nodes=nodes)
+    finally:
+        ctx.monitor.ignore = set()
+    if nodes > 1:
+        n = f'{n} ({nodes} nodes)'
+        ctx.row(f'drop: stock_change sold on another node -> {n} '
+                'watchers, p99', drop.get('cross_p99_ms'),
+                alone_watch.get('cross_p99_ms'), 'ms')
+    for r in (alone_watch, alone_buy, drop):
+        if r['unequal_nodes']:
+            ctx.note(f'drop {r["label"]}: nodes {r["unequal_nodes"]} not '
+                     'equal to the database 2 s after the end')
+        elif nodes > 1:
+            ctx.note(f'drop {r["label"]}: every node equal to the database '
+                     'at the end')
+    ctx.results[f'drop_{nodes}'] = {'watchers_alone': alone_watch,
                            'buyers_alone': alone_buy, 'drop': drop}
     ctx.row(f'drop: release -> {n} watchers, p50', drop.get(
         'release_p50_ms'), alone_watch.get('release_p50_ms'), 'ms')
@@ -1487,7 +1610,7 @@ def bench_drop(ctx):
                  f'{drop["stock_after_answer_p99_ms"]:.1f} ms (alone '
                  f'{alone_watch.get("stock_after_answer_p99_ms") or 0:.1f}'
                  ' ms; below 0: the watchers heard before the buyer)')
-    expected = drop['stock_events'] * drop['connected']
+    expected = drop['stock_expected']
     if drop.get('stock_measured', 0) < expected - drop['stock_missed']:
         ctx.note(f'drop: {drop.get("stock_measured", 0)} of {expected} '
                  'stock_change deliveries could be tied to their sale')
@@ -1509,6 +1632,29 @@ def bench_drop(ctx):
 
 CURVE_STREAMS = (1000, 2500, 5000, 10_000, 15_000)
 CURVE_BUYERS = (50, 200, 500, 1000)
+
+
+def pg_ready(ctx):
+    """The benchmark's PostgreSQL database exists and nobody uses it."""
+    try:
+        import psycopg2
+        pg_ensure_database(psycopg2, ctx.args.pg)
+        deadline = time.monotonic() + ctx.settings.pg_wait
+        while (others := pg_others(psycopg2, ctx.args.pg)) \
+                and not ctx.args.force_pg:
+            if time.monotonic() > deadline:
+                ctx.note(f'drop skipped: {others} other sessions use '
+                         f'{ctx.args.pg}; --force-pg to run anyway')
+                return False
+            time.sleep(1)
+    except (ImportError, OSError) as e:
+        ctx.note(f'drop skipped: PostgreSQL: {e}')
+        return False
+    except Exception as e:   # psycopg2.OperationalError
+        ctx.note(f'drop skipped: cannot reach {ctx.args.pg}: '
+                 f'{str(e).strip().splitlines()[0]}')
+        return False
+    return True
 
 
 def bench_curve(ctx):
@@ -1719,6 +1865,9 @@ def parse_args(argv):
                         metavar='S',
                         help='before each benchmark, wait up to S seconds '
                              'for the CPUs to be idle (default 30)')
+    parser.add_argument('--nodes', type=int, choices=(1, 3), default=1,
+                        help='drop: on one SQLite node (default) or three '
+                             'nodes of one peers.toml on PostgreSQL (--pg)')
     parser.add_argument('--profile', action='store_true',
                         help='drop: sample the node with py-spy during the '
                              'drop and print where its time went')
