@@ -4317,7 +4317,7 @@ def _static(path):
 # ---------------------------------------------------------------------------
 
 COMMANDS = ('serve', 'seed', 'release', 'restock', 'sell-random', 'keygen',
-            'pause', 'resume', 'status', 'report')
+            'pause', 'resume', 'status', 'report', 'verify-draw')
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -4348,7 +4348,16 @@ def build_parser():
                            '(2026-12-01T18:00:00Z) or +90s, +10m, +2h')
     when.add_argument('--cancel', action='store_true',
                       help='cancel its scheduled release')
+    release.add_argument('--draw', action='store_true',
+                         help='sell it by a draw: entries from now (or '
+                              '--at) until --closes, then the winners')
+    release.add_argument('--closes', metavar='WHEN',
+                         help='when the draw closes (with --draw)')
     _url_option(release)
+    verify = commands.add_parser(
+        'verify-draw', help='recompute a published draw\'s winners')
+    verify.add_argument('url', help='a node of the store: http://host:port')
+    verify.add_argument('product', help='product id or sku')
     restock = commands.add_parser('restock', help='add stock to an item')
     restock.add_argument('item', help='item id or sku (SHU6000-9)')
     restock.add_argument('count', type=int, help='pairs to add (> 0)')
@@ -4610,6 +4619,8 @@ def _report(status, answer, client, success):
 def release_command(args):
     """`release PRODUCT [--at WHEN | --cancel]`: by id or sku, through
     the admin API."""
+    if args.draw or args.closes:
+        return draw_command(args)
     if args.at or args.cancel:
         return schedule_command(args)
     client = _admin_client(args)
@@ -4633,9 +4644,45 @@ def schedule_command(args):
         if a['scheduled'] else f'product {product_id} is not scheduled'))
 
 
-def when_moment(text, now=None):
-    """WHEN of `--at`: ISO 8601 with a zone, or +90s / +10m / +2h from
-    now; a naive UTC moment, or ConfigError."""
+def draw_command(args):
+    """`release PRODUCT --draw --closes WHEN [--at WHEN]`."""
+    if not (args.draw and args.closes) or args.cancel:
+        raise ConfigError('a draw needs --draw and --closes WHEN (and '
+                          'maybe --at WHEN), without --cancel')
+    now = utcnow()
+    body = {'closes': iso_moment(when_moment(args.closes, now, '--closes')),
+            'at': args.at and iso_moment(when_moment(args.at, now))}
+    client = _admin_client(args)
+    product_id = _find_product(client, args.product)
+    status, answer = client.admin(
+        f'/admin/api/products/{product_id}/draw', body)
+    return _report(status, answer, client, lambda a: (
+        f"product {product_id} is a draw from {a['opens_at']} to "
+        f"{a['closes_at']}; commitment {a['commitment']}"))
+
+
+def verify_draw_command(args):
+    """`verify-draw URL PRODUCT`: recompute the winners from the
+    published draw alone; exit 0 when they match, 1 when not."""
+    client = NodeClient(args.url.rstrip('/'))
+    product_id = _find_product(client, args.product)
+    status, document = client.request('GET', f'/api/draws/{product_id}')
+    if status != 200:
+        raise Refused(f'verify-draw: {args.url} answered {status} for the '
+                      f'draw of product {product_id}')
+    problem = verify_draw(document)
+    if problem:
+        raise Refused(f'verify-draw: {problem}')
+    print(f"the draw of product {product_id} checks out: "
+          f"{len(document['winners'])} winners among "
+          f"{len(document['entries'])} entries, the seed matches the "
+          f"commitment {document['commitment']}")
+    return 0
+
+
+def when_moment(text, now=None, option='--at'):
+    """WHEN of `--at` (or `option`): ISO 8601 with a zone, or +90s /
+    +10m / +2h from now; a naive UTC moment, or ConfigError."""
     now = now or utcnow()
     match = re.fullmatch(r'\+(\d{1,7})([smh])', text.strip())
     if match:
@@ -4644,7 +4691,7 @@ def when_moment(text, now=None):
     try:
         return parse_moment(text)
     except ValueError:
-        raise ConfigError(f'--at {text!r}: give ISO 8601 with a zone '
+        raise ConfigError(f'{option} {text!r}: give ISO 8601 with a zone '
                           '(2026-12-01T18:00:00Z) or +90s, +10m, +2h') \
             from None
 
@@ -4915,7 +4962,8 @@ def main(argv=None):
                 'sell-random': sell_random_command,
                 'keygen': keygen_command, 'pause': sales_command,
                 'resume': sales_command, 'status': status_command,
-                'report': report_command}
+                'report': report_command,
+                'verify-draw': verify_draw_command}
     try:
         return commands[args.command](args) or 0
     except ConfigError as e:
