@@ -2972,6 +2972,10 @@ class DrawKeeper:
             logger.info('opened the draw of product %d', product_id)
         self._reload(product_id, local=opened)
 
+    def reload(self, product_id):
+        """A product's draw as the database has it now (None: none)."""
+        return self._reload(product_id, local=False)
+
     def _reload(self, product_id, local):
         for row, counts in self.runner.run(draw_rows, product_id):
             self.inventory.draw_changed(DrawState(row, counts), local=local)
@@ -3222,15 +3226,22 @@ class ClientLimits:
         """Raise ApiError(429) when `ip` may not enter a draw now: the
         attempts per second, and at most `--ip-pairs` shoppers per IP
         per draw (changing one's entry is not another shopper)."""
+        self.check_attempt(ip)
         if ip in self.trusted:
             return
-        wait = self.attempts.take(ip) if self.attempts.per_second else 0
-        if wait:
-            raise TooMany(math.ceil(wait))
         shoppers = self.entrants.get((ip, product_id), set())
         if (self.pairs_limit and shopper not in shoppers
                 and len(shoppers) >= self.pairs_limit):
             raise TooMany(PAIRS_RETRY_AFTER)
+
+    def check_attempt(self, ip):
+        """Raise ApiError(429) when `ip` is over its attempts per second
+        (purchases and entries alike)."""
+        if ip in self.trusted or not self.attempts.per_second:
+            return
+        wait = self.attempts.take(ip)
+        if wait:
+            raise TooMany(math.ceil(wait))
 
     def entered(self, ip, product_id, shopper):
         """Count `shopper` among the entrants from `ip`."""
@@ -4201,13 +4212,20 @@ def _define_draw(node, product_id):
 
 
 def _open_draw(node, product_id):
-    """A product's draw while it takes entries; 404 or 409 otherwise."""
+    """A product's draw while it takes entries; 404 or 409 otherwise.
+    A draw this node does not know open yet is read from the database
+    (a peer's news may still be on its way)."""
     product = node.inventory.products.get(product_id)
-    if product is None or product.draw is None:
+    if product is None:
         raise ApiError(404, 'not_found')
-    if not product.draw.takes_entries(utcnow()):
+    draw = product.draw
+    if draw is None or draw.state == 'scheduled':
+        draw = node.draws.reload(product_id)
+    if draw is None:
+        raise ApiError(404, 'not_found')
+    if not draw.takes_entries(utcnow()):
         raise ApiError(409, DRAW_CLOSED)
-    return product.draw
+    return draw
 
 
 def _enter(node, product_id):
@@ -4216,11 +4234,11 @@ def _enter(node, product_id):
     item = node.inventory.items.get(item_id)
     if item is None or item.product_id != product_id:
         raise ApiError(404, 'not_found')
+    shopper = _shopper(node)
+    node.limits.check_entry(ip, product_id, shopper)
     draw = _open_draw(node, product_id)
     if not draw.pairs.get(item_id):
         raise ApiError(409, SOLD_OUT)   # the draw has no pair of it
-    shopper = _shopper(node)
-    node.limits.check_entry(ip, product_id, shopper)
     entry_id = node.draws.enter(product_id, item_id, shopper)
     if entry_id == DRAW_CLOSED:
         raise ApiError(409, DRAW_CLOSED)
@@ -4230,6 +4248,7 @@ def _enter(node, product_id):
 
 
 def _withdraw(node, product_id):
+    node.limits.check_attempt(node.limits.client_ip(bottle.request.environ))
     _open_draw(node, product_id)
     shopper = unsign(bottle.request.get_cookie(SHOPPER_COOKIE),
                      node.cookie_key)
