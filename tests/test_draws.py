@@ -14,6 +14,7 @@ import sys
 from datetime import timedelta
 
 import gevent
+import pytest
 from conftest import (
     ROOT,
     TOKEN,
@@ -29,6 +30,7 @@ from conftest import (
 )
 from gevent.pywsgi import WSGIServer
 from playwright.sync_api import expect
+from test_dashboard import COOKIE, session_value
 
 import sneakers23
 
@@ -474,3 +476,31 @@ def test_a_shopper_enters_changes_withdraws_and_learns_the_result(
     expect(winner.locator('#your-pairs')).to_be_visible()
     expect(winner.locator('.your-pairs__list')).to_contain_text(
         f'size {size} · order #{won[1]}')
+
+
+@pytest.fixture
+def dashboard(open_page, sqlite_node):
+    """The dashboard of a signed-in operator on `sqlite_node`, live."""
+    cookie = {'name': COOKIE, 'value': session_value(sqlite_node),
+              'domain': '127.0.0.1', 'path': '/admin', 'httpOnly': True,
+              'sameSite': 'Strict'}
+    page = open_page(sqlite_node, path='/admin', cookies=[cookie])
+    expect(page.locator('body')).to_have_attribute('data-signed-in', 'true')
+    return page
+
+
+def test_the_dashboard_releases_a_product_as_a_draw(sqlite_node, dashboard):
+    """Draw (empty moments: open now, close in 10 minutes): the product
+    turns `draw open` on the dashboard and in the API."""
+    node, page = sqlite_node, dashboard
+    article = page.locator('article.product[data-product-id="3"]')
+    expect(article.locator('.state')).to_have_text('coming soon')
+    article.locator('button.draw').click()
+    page.locator('#confirm-ok').click()
+    expect(page.locator('#result')).to_contain_text('is a draw until')
+    expect(article.locator('.state')).to_have_text('draw open',
+                                                   timeout=5_000)
+    expect(article.locator('.countdown')).to_contain_text('0 entries')
+    expect(article.locator('button.draw')).to_be_hidden()
+    expect(article.locator('button.release-now')).to_be_hidden()
+    assert product(node.url, 3)['state'] == 'draw_open'
