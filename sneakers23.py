@@ -3016,18 +3016,22 @@ class DrawKeeper:
 
     def _send_counts(self):
         """A `draw` event per product whose draw changed since its last
-        one: at most one per DRAW_TICK, however many entries came."""
+        one: at most one per DRAW_TICK, however many entries came (a draw
+        not open yet: a `scheduled` event, its opening's countdown)."""
         for product in list(self.inventory.products.values()):
             draw = product.draw
-            if draw is None or draw.state == 'scheduled':
-                continue
-            now_shown = (draw.state, draw.counts())
+            now_shown = draw and (draw.state, draw.counts())
             last = self._sent.get(product.id)
-            if last == now_shown:
+            if draw is None or last == now_shown:
                 continue
             self._sent[product.id] = now_shown
-            self.hub.publish('draw', product.id, draw_event(
-                product, html=last is None or last[0] != draw.state))
+            if draw.state == 'scheduled':
+                self.hub.publish('scheduled', product.id, {
+                    'product_id': product.id,
+                    'release_at': iso_moment(draw.opens_at)})
+            else:
+                self.hub.publish('draw', product.id, draw_event(
+                    product, html=last is None or last[0] != draw.state))
 
 
 # ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ node killed with SIGKILL in the middle of the draw."""
 
 import random
 import re
+import time
 
 import gevent
 import gevent.pool
@@ -242,7 +243,9 @@ def test_the_drawing_node_killed_mid_draw(tmp_path, db_url):
         assert seen[0] == ((0, 0), 0)
         holder.proc.kill()   # SIGKILL, inside the draw's transaction
         holder.proc.wait()
+        killed = time.monotonic()
         doc = drawn_everywhere(others, timeout=20)
+        took = time.monotonic() - killed
         wait_until(lambda: seen[-1][0] == (expected, expected), 5,
                    'the watcher saw the draw')
         watcher.kill()
@@ -256,6 +259,7 @@ def test_the_drawing_node_killed_mid_draw(tmp_path, db_url):
         name, ms, claim = drawing_time(others)
         assert claim >= 2 and name != holder.name
         print(f'{db_url.split(":")[0]}: {holder.name} killed holding the '
-              f'draw; {name} drew it (claim {claim}) in {ms} ms')
+              f'draw; {name} drew it (claim {claim}) in {ms} ms, '
+              f'{took:.1f} s after the SIGKILL')
     finally:
         cluster.close()

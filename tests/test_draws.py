@@ -324,9 +324,13 @@ def test_live_counts_reach_the_stream_coalesced(app_server, sse):
     assert len(events) < 200 / 4, len(events)   # not one per entry
 
 
-def test_a_draw_opens_at_its_moment(app_server):
+def test_a_draw_opens_at_its_moment(app_server, sse):
+    """Before: `scheduled` (the page counts down to the opening), entries
+    refused; at the moment the draw opens by itself and its panel goes
+    to the pages."""
     local = app_server()
     url = local.url
+    stream = sse(url, '/events?products=2')
     at = sneakers23.utcnow() + timedelta(seconds=1)
     answer = define_draw(url, 2, at=sneakers23.iso_moment(at))
     assert answer['state'] == 'scheduled'
@@ -335,8 +339,13 @@ def test_a_draw_opens_at_its_moment(app_server):
         'scheduled', sneakers23.iso_moment(at))
     assert enter(url, 2, drawable(url, 2)[0])[:2] == (
         409, {'error': 'draw_closed'})
+    assert stream.wait_for('scheduled')[0]['data'] == {
+        'product_id': 2, 'release_at': sneakers23.iso_moment(at)}
     wait_until(lambda: product(url, 2)['state'] == 'draw_open', 5,
                'the draw opens')
+    opened = stream.wait_for('draw')[0]['data']
+    assert opened['state'] == 'open' and 'class="draw"' in \
+        opened['draw_html']
     assert enter(url, 2, drawable(url, 2)[0])[0] == 200
 
 
