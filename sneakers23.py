@@ -70,6 +70,7 @@ from peewee import (
     Model,
     OperationalError,
     SqliteDatabase,
+    TextField,
 )
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
@@ -152,6 +153,12 @@ SALES_WINDOW = 10           # s of orders behind `sales_per_s`
 DASHBOARD_INTERVAL = 1.0    # s between the dashboards' overviews
 DASHBOARD_HISTORY = 300     # s of sales the dashboard's chart opens with
 ZMQ_HEARTBEAT_MS = 1000
+
+DRAW_TICK = 0.25            # s between a draw's live counts, at most
+DRAW_IDLE = 1.0             # s between looks at the draws table
+DRAW_CLAIM_TTL = 3.0        # s a node's claim to run a draw lasts
+DRAW_DEADLINE = 10.0        # s the draw's one transaction may take
+DRAW_CLOSED, NO_ENTRY = 'draw_closed', 'no_entry'
 ZAP_ENDPOINT = 'inproc://zeromq.zap.01'
 
 
@@ -204,6 +211,7 @@ class Config:
     ip_rate: float = IP_RATE
     trusted_ips: tuple = TRUSTED_IPS
     proxies: tuple = ()
+    hold_draw: bool = False   # test-only: hang inside a first draw
 
 
 @dataclass
@@ -885,7 +893,280 @@ class Setting(BaseModel):
         return cls.get_by_id(key).value
 
 
-MODELS = (Product, Item, Availability, Order, Setting)
+# -- draws: the published rule, then the rows ---------------------------------
+
+def commitment_of(seed):
+    """The commitment published when a draw opens: hex SHA-256 of the
+    seed's bytes."""
+    return hashlib.sha256(bytes.fromhex(seed)).hexdigest()
+
+
+def entries_digest(entries):
+    """Hex SHA-256 of every (entry_id, item_id), as compact JSON sorted by
+    entry id: binds each entry's rank to the whole list."""
+    rows = sorted([int(entry_id), int(item_id)]
+                  for entry_id, item_id in entries)
+    return hashlib.sha256(
+        json.dumps(rows, separators=(',', ':')).encode()).hexdigest()
+
+
+def entry_rank(seed, digest, entry_id):
+    """An entry's rank in its size: hex HMAC-SHA256 keyed by the seed."""
+    return hmac.new(bytes.fromhex(seed), f'{digest}:{entry_id}'.encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def draw_winners(seed, entries, pairs):
+    """The winning entry ids, sorted: per item, its entries of smallest
+    rank (ties, never seen, by entry id), as many as its `pairs`."""
+    digest = entries_digest(entries)
+    ranked = defaultdict(list)
+    for entry_id, item_id in entries:
+        ranked[int(item_id)].append(
+            (entry_rank(seed, digest, entry_id), int(entry_id)))
+    winners = []
+    for item_id, ranks in ranked.items():
+        winners += [e for _, e in sorted(ranks)[:pairs.get(item_id, 0)]]
+    return sorted(winners)
+
+
+class Draw(BaseModel):
+    """A product sold by a draw: its window, its secret seed, and which
+    node runs it (a claim that expires, so another node takes over)."""
+
+    product = ForeignKeyField(Product, primary_key=True, on_delete='CASCADE')
+    opens_at = DateTimeField()
+    closes_at = DateTimeField()
+    seed = CharField()          # hex; published only once drawn
+    commitment = CharField()    # commitment_of(seed), published at once
+    state = CharField(default='scheduled')   # scheduled, open, drawn
+    pairs = TextField(null=True)     # {"ITEM_ID": pairs}, fixed at opening
+    winners = TextField(null=True)   # [entry_id, ...] once drawn
+    claimed_by = CharField(null=True)
+    claim_until = DateTimeField(null=True)
+    claims = IntegerField(default=0)
+    version = IntegerField(default=1)
+
+
+class Entry(BaseModel):
+    """One shopper's entry in a draw: one per shopper per product."""
+
+    product = ForeignKeyField(Product, on_delete='CASCADE')
+    item = ForeignKeyField(Item, on_delete='CASCADE')
+    shopper = CharField()
+    node = CharField()
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((('product', 'shopper'), True),)
+
+
+DRAW_COLUMNS = (Draw.product, Draw.opens_at, Draw.closes_at,
+                Draw.commitment, Draw.state, Draw.pairs, Draw.winners,
+                Draw.version)
+
+
+def define_draw(product_id, opens_at, closes_at, seed, now):
+    """Make an unreleased product a draw (open at once when `opens_at`
+    has come); True, or False when it is released or has a draw."""
+    product = Product.get_or_none(Product.id == product_id)
+    if product is None or product.released or (
+            Draw.select().where(Draw.product == product_id).exists()):
+        return False
+    Product.schedule(product_id, None)   # a draw replaces a schedule
+    Draw.insert(product=product_id, opens_at=opens_at, closes_at=closes_at,
+                seed=seed, commitment=commitment_of(seed)).execute()
+    if opens_at <= now:
+        open_draw(product_id)
+    return True
+
+
+def open_draw(product_id):
+    """Open a scheduled draw, fixing its pairs per size now; True if
+    this call opened it (every node tries, one wins)."""
+    pairs = dict(Availability
+                 .select(Availability.item, Availability.count)
+                 .join(Item)
+                 .where(Item.product == product_id)
+                 .tuples())
+    return bool(Draw
+                .update(state='open', version=Draw.version + 1,
+                        pairs=json.dumps({str(k): v
+                                          for k, v in pairs.items()}))
+                .where((Draw.product == product_id)
+                       & (Draw.state == 'scheduled'))
+                .execute())
+
+
+def _draw_is_open(product_id, now):
+    """Whether the draw takes entries now, read under a shared lock that
+    the drawing transaction's exclusive one waits for (PostgreSQL;
+    SQLite's BEGIN IMMEDIATE serialises writers already)."""
+    query = (Draw
+             .select(Draw.product)
+             .where((Draw.product == product_id) & (Draw.state == 'open')
+                    & (Draw.closes_at > now)))
+    if db.for_update:
+        query = query.for_update('FOR SHARE')
+    return query.exists()
+
+
+def entry_counts(product_id):
+    """{item_id: entries} of one draw."""
+    return dict(Entry
+                .select(Entry.item, peewee.fn.COUNT(Entry.id))
+                .where(Entry.product == product_id)
+                .group_by(Entry.item)
+                .tuples())
+
+
+def enter_draw(product_id, item_id, shopper, node, now):
+    """Make or change a shopper's one entry: (entry_id, counts), or
+    DRAW_CLOSED outside the window."""
+    if not _draw_is_open(product_id, now):
+        return DRAW_CLOSED
+    rows = list(Entry
+                .insert(product=product_id, item=item_id, shopper=shopper,
+                        node=node, created_at=now)
+                .on_conflict(conflict_target=[Entry.product, Entry.shopper],
+                             update={Entry.item: item_id})
+                .returning(Entry.id)
+                .tuples()
+                .execute())
+    return rows[0][0], entry_counts(product_id)
+
+
+def withdraw_entry(product_id, shopper, now):
+    """Delete a shopper's entry: the counts, DRAW_CLOSED outside the
+    window, or NO_ENTRY when they have none."""
+    if not _draw_is_open(product_id, now):
+        return DRAW_CLOSED
+    deleted = (Entry
+               .delete()
+               .where((Entry.product == product_id)
+                      & (Entry.shopper == shopper))
+               .execute())
+    return entry_counts(product_id) if deleted else NO_ENTRY
+
+
+def claim_draw(product_id, node, now, ttl):
+    """Claim a closed draw for `node` for `ttl` seconds, unless another
+    node's claim is still live: the number of claims so far, or 0."""
+    rows = list(Draw
+                .update(claimed_by=node, claims=Draw.claims + 1,
+                        claim_until=now + timedelta(seconds=ttl))
+                .where((Draw.product == product_id)
+                       & (Draw.state == 'open') & (Draw.closes_at <= now)
+                       & (Draw.claim_until.is_null()
+                          | (Draw.claim_until < now)))
+                .returning(Draw.claims)
+                .tuples()
+                .execute())
+    return rows[0][0] if rows else 0
+
+
+class DrawWinner(NamedTuple):
+    item_id: int
+    product_id: int
+    shopper: str
+
+
+def run_draw(product_id, node, deadline, hold=None):
+    """The whole draw in one transaction, by the node holding the claim:
+    winners' orders, stock, winners published, state drawn. Returns
+    ({item_id: (count, version)}, draw_rows(product_id)), or None when
+    the claim went to another node meanwhile. `hold()` (tests only)
+    runs just before COMMIT."""
+    with db.atomic():
+        set_commit_deadline(deadline)
+        draw = _claimed_draw(product_id, node)
+        if draw is None:
+            return None
+        stock, winners = _place_winners(product_id, draw, node)
+        (Draw.update(state='drawn', version=Draw.version + 1,
+                     winners=json.dumps(winners))
+         .where(Draw.product == product_id)
+         .execute())
+        if hold:
+            hold()
+        if time.monotonic() > deadline:
+            raise DeadlinePassed('the draw missed its deadline')
+        return stock, draw_rows(product_id)
+
+
+def _claimed_draw(product_id, node):
+    """The open draw this node holds the claim of, locked; or None."""
+    query = (Draw
+             .select(Draw.seed, Draw.pairs)
+             .where((Draw.product == product_id) & (Draw.state == 'open')
+                    & (Draw.claimed_by == node)))
+    if db.for_update:
+        query = query.for_update()
+    return query.first()
+
+
+def _place_winners(product_id, draw, node):
+    """Rank every entry, give each winner an order and take its pair:
+    ({item_id: (count, version)}, the winning entry ids)."""
+    entries = list(Entry
+                   .select(Entry.id, Entry.item, Entry.shopper)
+                   .where(Entry.product == product_id)
+                   .order_by(Entry.id)
+                   .tuples())
+    pairs = {int(k): v for k, v in json.loads(draw.pairs).items()}
+    winners = draw_winners(draw.seed, [(e, i) for e, i, _ in entries],
+                           pairs)
+    chosen = set(winners)
+    won = [DrawWinner(item, product_id, shopper)
+           for entry_id, item, shopper in entries if entry_id in chosen]
+    if won:
+        Order.place_many(won, node)
+    stock = {item_id: Availability.take(item_id, n) for item_id, n
+             in sorted(Counter(w.item_id for w in won).items())}
+    return stock, winners
+
+
+def draw_rows(product_id=None):
+    """Draws as (row, counts): one product's, or every one. Counts are
+    read for draws not drawn yet (and the one asked for)."""
+    query = Draw.select(*DRAW_COLUMNS).tuples()
+    if product_id is not None:
+        query = query.where(Draw.product == product_id)
+    rows = list(query)
+    return [(row, entry_counts(row[0])
+             if row[4] != 'drawn' or product_id is not None else None)
+            for row in rows]
+
+
+def drawn_entries(product_id):
+    """Every entry of a draw as (entry_id, item_id), by entry id."""
+    return list(Entry
+                .select(Entry.id, Entry.item)
+                .where(Entry.product == product_id)
+                .order_by(Entry.id)
+                .tuples())
+
+
+def draw_secret(product_id):
+    """The seed of a drawn draw (None before)."""
+    return (Draw
+            .select(Draw.seed)
+            .where((Draw.product == product_id) & (Draw.state == 'drawn'))
+            .scalar())
+
+
+def shopper_entries(shopper):
+    """Every entry of one shopper: (entry_id, product_id, item_id, size)."""
+    return list(Entry
+                .select(Entry.id, Entry.product, Entry.item, Item.size)
+                .join(Item)
+                .where(Entry.shopper == shopper)
+                .order_by(Entry.id)
+                .tuples())
+
+
+MODELS = (Product, Item, Availability, Order, Setting, Draw, Entry)
+
 
 def catalog_rows():
     """Every product (in display order) with its items' rows.
@@ -1076,33 +1357,78 @@ class ItemState:
                 'count': self.count, 'level': self.level}
 
 
+class DrawState:
+    """A product's draw as this node knows it (never its seed)."""
+
+    __slots__ = ('product_id', 'opens_at', 'closes_at', 'commitment',
+                 'state', 'pairs', 'winners', 'version', 'entries')
+
+    def __init__(self, row, entries=None):
+        (self.product_id, self.opens_at, self.closes_at, self.commitment,
+         self.state, pairs, winners, self.version) = row
+        self.pairs = {int(k): v for k, v in json.loads(pairs).items()} \
+            if pairs else {}
+        self.winners = json.loads(winners) if winners else []
+        self.entries = dict(entries or {})
+
+    def takes_entries(self, now):
+        return self.state == 'open' and now < self.closes_at
+
+    def as_json(self):
+        """The draw's public part, as `/api/products` and events show it."""
+        return {'state': self.state, 'opens_at': iso_moment(self.opens_at),
+                'closes_at': iso_moment(self.closes_at),
+                'commitment': self.commitment,
+                'pairs': {str(k): v for k, v in self.pairs.items()},
+                'entries': self.counts()}
+
+    def counts(self):
+        """Entries per size, every size of the draw shown (0 included)."""
+        return {str(item_id): self.entries.get(item_id, 0)
+                for item_id in self.pairs}
+
+
+DRAW_STATES = {'scheduled': 'scheduled', 'open': 'draw_open',
+               'drawn': 'drawn'}
+
+
 class ProductState:
     """A product as this node knows it, with its items in size order."""
 
     __slots__ = ('id', 'sku', 'brand', 'name', 'color', 'price_cents',
                  'image', 'position', 'released', 'release_at', 'items',
-                 'json')
+                 'json', 'draw')
 
-    def __init__(self, row, items):
-        for name in self.__slots__[:-2]:
+    def __init__(self, row, items, draw=None):
+        for name in self.__slots__[:-3]:
             setattr(self, name, getattr(row, name))
         self.items = items
         self.json = None
+        self.draw = draw
 
     @property
     def state(self):
-        """`released`, `scheduled` or `coming_soon`."""
+        """`released`, `scheduled`, `coming_soon`, `draw_open` or
+        `drawn` (a draw not open yet is `scheduled`)."""
+        if self.draw is not None:
+            return DRAW_STATES[self.draw.state]
         if self.released:
             return 'released'
         return 'scheduled' if self.release_at else 'coming_soon'
+
+    @property
+    def moment(self):
+        """`release_at` as shoppers see it: a draw's opening."""
+        return self.draw.opens_at if self.draw else self.release_at
 
     def as_json(self):
         return {'id': self.id, 'sku': self.sku, 'brand': self.brand,
                 'name': self.name, 'color': self.color,
                 'price_cents': self.price_cents, 'image': self.image,
                 'released': self.released, 'state': self.state,
-                'release_at': iso_moment(self.release_at),
-                'items': [item.as_json() for item in self.items]}
+                'release_at': iso_moment(self.moment),
+                'items': [item.as_json() for item in self.items],
+                **({'draw': self.draw.as_json()} if self.draw else {})}
 
     def json_bytes(self):
         """This product's `/api/products` entry, encoded once per change."""
@@ -1132,7 +1458,9 @@ class Inventory:
         products, items = {}, {}
         for row, item_rows in rows:
             states = [ItemState(*item) for item in item_rows]
-            products[row.id] = ProductState(row, states)
+            known = self.products.get(row.id)
+            products[row.id] = ProductState(row, states,
+                                            known and known.draw)
             items.update((s.id, s) for s in states)
         self.products, self.items = products, items
         self.revision += 1
@@ -1177,6 +1505,30 @@ class Inventory:
         product.release_at = at
         self._touch(product)
         self._tell('scheduled', product, None, None, local)
+        return True
+
+    def draw_changed(self, draw, local=True):
+        """Set a product's draw when it is new or newer; True if so."""
+        product = self.products.get(draw.product_id)
+        if product is None or (product.draw is not None
+                               and product.draw.version >= draw.version):
+            return False
+        if product.draw is not None and not draw.entries:
+            draw.entries = product.draw.entries
+        product.draw = draw
+        self._touch(product)
+        self._tell('draw', product, None, None, local)
+        return True
+
+    def draw_entries_changed(self, product_id, entries):
+        """Set a draw's entries per size; True if they changed."""
+        product = self.products.get(product_id)
+        if product is None or product.draw is None or (
+                product.draw.entries == entries):
+            return False
+        product.draw.entries = dict(entries)
+        self._touch(product)
+        self._tell('draw_entries', product, None, None, True)
         return True
 
     def sales_changed(self, paused, version, local=True):
@@ -1450,6 +1802,11 @@ class WritePath:
             self.inventory.item_changed(item_id, *row)
         return row and row[0]
 
+    def write(self, fn, *args):
+        """Run `fn(*args)` in the next batch's transaction (a draw's
+        entries and claims); its result."""
+        return self._write(fn, *args)
+
     def stop(self):
         """Stop taking purchases and close the database."""
         for loop in self.loops:
@@ -1640,11 +1997,33 @@ def snapshot_of(products, paused=False):
 
 def _product_snapshot(product):
     entry = {'product_id': product.id, 'released': product.released,
-             'release_at': iso_moment(product.release_at),
+             'release_at': iso_moment(product.moment),
              'items': [{'id': i.id, 'level': i.level} for i in product.items]}
     if product.released:
         entry['size_html'] = size_html(product)
+    if product.draw is not None and product.draw.state != 'scheduled':
+        entry['draw'] = draw_event(product, html=True)
     return entry
+
+
+def draw_html(product):
+    """A draw's panel on the card, as the page shows it."""
+    return render('draw_panel', product=product, iso=iso_moment)
+
+
+def draw_event(product, html=False):
+    """The `draw` event body of a product (with its panel when `html`):
+    entries per size, and the winning entry ids once drawn."""
+    draw = product.draw
+    data = {'product_id': product.id,
+            'state': 'drawn' if draw.state == 'drawn' else 'open',
+            'entries': draw.counts(),
+            'closes_at': iso_moment(draw.closes_at)}
+    if draw.state == 'drawn':
+        data['winners'] = draw.winners
+    if html and draw.state != 'scheduled':
+        data['draw_html'] = draw_html(product)
+    return data
 
 
 SSE_HEAD = (b'HTTP/1.1 200 OK\r\n'
@@ -2065,7 +2444,8 @@ class DashboardHub(EventHub):
 
 MESSAGE_FIELDS = {'availability': ('item_id', 'count', 'version'),
                   'released': ('product_id',), 'heartbeat': (),
-                  'scheduled': ('product_id',), 'sales': ('version',)}
+                  'scheduled': ('product_id',), 'sales': ('version',),
+                  'draw': ('product_id',)}
 
 
 def encode_message(node, boot, seq, kind, **fields):
@@ -2177,6 +2557,7 @@ class Replicator:
         self._keys = None
         self._resync_wanted = gevent.event.Event()
         self.presence = lambda: None   # this node's figures (Node sets it)
+        self.draw_touched = lambda product_id: None   # and this
         self.loops = [Loop('heartbeat', self._heartbeat, HEARTBEAT_INTERVAL),
                       Loop('watch-peers', self._watch_peers,
                            HEARTBEAT_INTERVAL / 4),
@@ -2223,6 +2604,8 @@ class Replicator:
         elif kind == 'sales':
             self.publish('sales', paused=self.inventory.paused,
                          version=self.inventory.sales_version)
+        elif kind == 'draw':   # peers read the draw from the database
+            self.publish('draw', product_id=product.id)
 
     def publish(self, kind, **fields):
         """Send one message to every subscribed peer."""
@@ -2370,6 +2753,8 @@ class Replicator:
         elif msg['type'] == 'sales':
             self.inventory.sales_changed(msg['paused'], msg['version'],
                                          local=False)
+        elif msg['type'] == 'draw':
+            self.draw_touched(msg['product_id'])
 
     def request_resync(self, reason):
         """Reload stock from the database soon (coalesced)."""
@@ -2439,6 +2824,237 @@ class Replicator:
         state.refused = bool(event['event'] & failed) or (
             state.refused
             and event['event'] != zmq.EVENT_HANDSHAKE_SUCCEEDED)
+
+
+# ---------------------------------------------------------------------------
+# Drop day: draws
+# ---------------------------------------------------------------------------
+
+def draw_document(draw, seed=None, entries=()):
+    """`GET /api/draws/<id>`: everything needed to check a draw. The
+    seed, the entries and the winners only once drawn."""
+    drawn = seed is not None
+    return {'product_id': draw.product_id, 'state': draw.state,
+            'opens_at': iso_moment(draw.opens_at),
+            'closes_at': iso_moment(draw.closes_at),
+            'commitment': draw.commitment, 'seed': seed,
+            'pairs': {str(k): v for k, v in draw.pairs.items()},
+            'digest': entries_digest(entries) if drawn else None,
+            'entries': [{'entry_id': e, 'item_id': i} for e, i in entries],
+            'winners': list(draw.winners) if drawn else []}
+
+
+def verify_draw(document):
+    """Recompute a published draw from its document alone: None when
+    the seed matches its commitment and the winners match, else why
+    not, in one line."""
+    if not isinstance(document, dict) or document.get('seed') is None:
+        return 'the draw has no seed published: not drawn yet'
+    try:
+        seed = document['seed']
+        commitment = commitment_of(seed)
+        entries = [(int(e['entry_id']), int(e['item_id']))
+                   for e in document['entries']]
+        pairs = {int(k): int(v) for k, v in document['pairs'].items()}
+        published = sorted(int(w) for w in document['winners'])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return 'the document is not a draw document'
+    if commitment != document.get('commitment'):
+        return 'the seed does not match the commitment'
+    expected = draw_winners(seed, entries, pairs)
+    if published != expected:
+        differ = sorted(set(published) ^ set(expected)) or published
+        return (f'the published winners are not the drawn ones (entries '
+                f'{", ".join(map(str, differ[:5]))} differ)')
+    return None
+
+
+class DrawKeeper:
+    """A node's draws: it takes entries, opens and runs draws at their
+    moments, and sends each draw's live counts to the pages.
+
+    The database is the truth: every node takes entries, and reads the
+    draws table every DRAW_TICK while a draw is open (else every
+    DRAW_IDLE, or at once when a peer says a draw changed). At the close
+    every node tries to claim the draw; the one whose claim lands runs
+    it in one transaction. A claim expires after DRAW_CLAIM_TTL, so when
+    that node dies mid-draw (its transaction rolled back with it),
+    another claims it and runs it.
+    """
+
+    def __init__(self, config, runner, inventory, writes, hub):
+        self.node, self.hold = config.node, config.hold_draw
+        self.runner, self.inventory = runner, inventory
+        self.writes, self.hub = writes, hub
+        self.documents = {}   # product_id -> its drawn document, kept
+        self._sent = {}       # product_id -> (state, counts) last sent
+        self._wake = gevent.event.Event()
+        self.loop = Loop('draws', self._step, DRAW_TICK)
+
+    def start(self):
+        self.look()
+        self.loop.start()
+
+    def stop(self):
+        self.loop.stop()
+
+    def touched(self, product_id):
+        """A peer changed a draw: read the database now."""
+        self._wake.set()
+
+    # -- the operator and the shoppers -----------------------------------
+
+    def define(self, product_id, opens_at, closes_at):
+        """Make a product a draw: its DrawState, or None when it is
+        released or a draw already."""
+        if not self.writes.write(define_draw, product_id, opens_at,
+                                 closes_at, secrets.token_hex(32),
+                                 utcnow()):
+            return None
+        self.inventory.product_scheduled(product_id, None)
+        self._wake.set()
+        return self._reload(product_id, local=True)
+
+    def enter(self, product_id, item_id, shopper):
+        """Make or change a shopper's entry: its id, or DRAW_CLOSED."""
+        outcome = self.writes.write(enter_draw, product_id, item_id,
+                                    shopper, self.node, utcnow())
+        if outcome == DRAW_CLOSED:
+            return outcome
+        entry_id, counts = outcome
+        self.inventory.draw_entries_changed(product_id, counts)
+        return entry_id
+
+    def withdraw(self, product_id, shopper):
+        """Withdraw a shopper's entry: True, DRAW_CLOSED or NO_ENTRY."""
+        outcome = self.writes.write(withdraw_entry, product_id, shopper,
+                                    utcnow())
+        if not isinstance(outcome, dict):
+            return outcome
+        self.inventory.draw_entries_changed(product_id, outcome)
+        return True
+
+    def document(self, product_id):
+        """The published draw of a product, or None when it has none."""
+        product = self.inventory.products.get(product_id)
+        draw = product and product.draw
+        if draw is None:
+            return None
+        if draw.state != 'drawn':
+            return draw_document(draw)
+        if product_id not in self.documents:
+            seed, entries = self.runner.read(lambda: (
+                draw_secret(product_id), drawn_entries(product_id)))
+            self.documents[product_id] = draw_document(draw, seed, entries)
+        return self.documents[product_id]
+
+    # -- the loop ----------------------------------------------------------
+
+    def look(self):
+        """Bring memory's draws up to the database."""
+        for row, counts in self.runner.read(draw_rows):
+            self.inventory.draw_changed(DrawState(row, counts), local=False)
+            if counts is not None:
+                self.inventory.draw_entries_changed(row[0], counts)
+
+    def _step(self):
+        """Read the draws, open and run those due, send the counts; then
+        wait for the next moment (at most DRAW_IDLE) or a peer's news."""
+        self._wake.clear()
+        try:
+            self.look()
+            self._advance(utcnow())
+        except DB_AWAY as e:
+            logger.warning('draws: the database is away: %s', e)
+        self._send_counts()
+        self._wake.wait(self._rest(utcnow()))
+
+    def _advance(self, now):
+        for product in list(self.inventory.products.values()):
+            draw = product.draw
+            if draw is None:
+                continue
+            if draw.state == 'scheduled' and draw.opens_at <= now:
+                self._open(product.id)
+            elif (draw.state == 'open' and draw.closes_at <= now
+                  and not self.inventory.paused):
+                self._draw(product.id)
+
+    def _rest(self, now):
+        """Seconds until the next look: none while a draw is open."""
+        draws = [p.draw for p in list(self.inventory.products.values())
+                 if p.draw is not None and p.draw.state != 'drawn']
+        if any(d.state == 'open' for d in draws):
+            return 0.0
+        moments = [(d.opens_at - now).total_seconds() for d in draws]
+        return max(0.0, min([DRAW_IDLE - DRAW_TICK] + moments))
+
+    def _open(self, product_id):
+        opened = self.writes.write(open_draw, product_id)
+        if opened:
+            logger.info('opened the draw of product %d', product_id)
+        self._reload(product_id, local=opened)
+
+    def reload(self, product_id):
+        """A product's draw as the database has it now (None: none)."""
+        return self._reload(product_id, local=False)
+
+    def _reload(self, product_id, local):
+        for row, counts in self.runner.run(draw_rows, product_id):
+            self.inventory.draw_changed(DrawState(row, counts), local=local)
+        return self.inventory.products[product_id].draw
+
+    def _draw(self, product_id):
+        """Claim a closed draw and run it (another node's live claim:
+        leave it to that node)."""
+        claims = self.writes.write(claim_draw, product_id, self.node,
+                                   utcnow(), DRAW_CLAIM_TTL)
+        if not claims:
+            return
+        hold = self._hold if self.hold and claims == 1 else None
+        started = time.perf_counter()
+        deadline = time.monotonic() + DRAW_DEADLINE
+        # Its own transaction, not a batch's: a big draw must not make
+        # the purchases of a batch miss their deadline, nor they it.
+        done = self.runner.run(run_draw, product_id, self.node, deadline,
+                               hold, deadline=deadline + DB_DEADLINE_MARGIN)
+        if done is None:
+            return
+        stock, [(row, counts)] = done
+        for item_id, (count, version) in stock.items():
+            self.inventory.item_changed(item_id, count, version)
+        draw = DrawState(row, counts)
+        logger.info('drew product %d (claim %d): %d winners among %d '
+                    'entries in %.1f ms', product_id, claims,
+                    len(draw.winners), sum(counts.values()),
+                    (time.perf_counter() - started) * 1000)
+        self.inventory.draw_changed(draw)
+
+    def _hold(self):
+        """Tests only: hang just before the first claim's COMMIT, and say
+        so, until the process is killed."""
+        logger.warning('draw: holding before COMMIT '
+                       '(SNEAKERS23_TEST_HOLD_DRAW)')
+        gevent.event.Event().wait()
+
+    def _send_counts(self):
+        """A `draw` event per product whose draw changed since its last
+        one: at most one per DRAW_TICK, however many entries came (a draw
+        not open yet: a `scheduled` event, its opening's countdown)."""
+        for product in list(self.inventory.products.values()):
+            draw = product.draw
+            now_shown = draw and (draw.state, draw.counts())
+            last = self._sent.get(product.id)
+            if draw is None or last == now_shown:
+                continue
+            self._sent[product.id] = now_shown
+            if draw.state == 'scheduled':
+                self.hub.publish('scheduled', product.id, {
+                    'product_id': product.id,
+                    'release_at': iso_moment(draw.opens_at)})
+            else:
+                self.hub.publish('draw', product.id, draw_event(
+                    product, html=last is None or last[0] != draw.state))
 
 
 # ---------------------------------------------------------------------------
@@ -2610,6 +3226,7 @@ class ClientLimits:
         self.admin_failures = TokenBuckets(ADMIN_FAILURES, 1 / ADMIN_REFILL)
         self.lookups = TokenBuckets(ORDER_LOOKUPS, ORDER_LOOKUPS)
         self.pairs = {}   # (ip, product_id) -> pairs bought or in flight
+        self.entrants = {}   # (ip, product_id) -> shoppers who entered
 
     def client_ip(self, environ):
         """The client's address; X-Forwarded-For only from a proxy."""
@@ -2632,6 +3249,32 @@ class ClientLimits:
         if self.pairs_limit and (self.pairs.get((ip, product_id), 0)
                                  >= self.pairs_limit):
             raise TooMany(PAIRS_RETRY_AFTER)
+
+    def check_entry(self, ip, product_id, shopper):
+        """Raise ApiError(429) when `ip` may not enter a draw now: the
+        attempts per second, and at most `--ip-pairs` shoppers per IP
+        per draw (changing one's entry is not another shopper)."""
+        self.check_attempt(ip)
+        if ip in self.trusted:
+            return
+        shoppers = self.entrants.get((ip, product_id), set())
+        if (self.pairs_limit and shopper not in shoppers
+                and len(shoppers) >= self.pairs_limit):
+            raise TooMany(PAIRS_RETRY_AFTER)
+
+    def check_attempt(self, ip):
+        """Raise ApiError(429) when `ip` is over its attempts per second
+        (purchases and entries alike)."""
+        if ip in self.trusted or not self.attempts.per_second:
+            return
+        wait = self.attempts.take(ip)
+        if wait:
+            raise TooMany(math.ceil(wait))
+
+    def entered(self, ip, product_id, shopper):
+        """Count `shopper` among the entrants from `ip`."""
+        if ip not in self.trusted and self.pairs_limit:
+            self.entrants.setdefault((ip, product_id), set()).add(shopper)
 
     def holding(self, ip, product_id):
         """Count a pair in flight for `ip`; a context that un-counts it
@@ -2789,10 +3432,11 @@ def _product_overview(product, sales):
     sold, recent = (None, None) if sales is None else sales.get(
         product.id, (0, 0))
     return {'id': product.id, 'sku': product.sku, 'state': product.state,
-            'release_at': iso_moment(product.release_at), 'sold': sold,
+            'release_at': iso_moment(product.moment), 'sold': sold,
             'left': sum(item.count for item in product.items),
             'sales_per_s': None if recent is None
-            else round(recent / SALES_WINDOW, 2)}
+            else round(recent / SALES_WINDOW, 2),
+            **({'draw': product.draw.as_json()} if product.draw else {})}
 
 
 class Node:
@@ -2810,10 +3454,13 @@ class Node:
                                        self.sales_history)
         self.writes = WritePath(self.runner, self.inventory, config.node)
         self.scheduler = Scheduler(self.inventory, self.writes)
+        self.draws = DrawKeeper(config, self.runner, self.inventory,
+                                self.writes, self.hub)
         self.replicator = None
         if config.replication:
             self.replicator = Replicator(config, self.inventory, self.writes)
             self.replicator.presence = self.presence
+            self.replicator.draw_touched = self.draws.touched
         self.cookie_key = ''
         self.admin_hash, self.token_note = token_hash(secrets.token_hex()), ''
         self.lag = LagProbe()
@@ -2836,7 +3483,7 @@ class Node:
         if self.replicator:
             self.replicator.start()
         for loop in (self.lag, self.answers, self.housekeeping,
-                     self.scheduler):
+                     self.scheduler, self.draws):
             loop.start()
 
     def stop(self):
@@ -2862,7 +3509,7 @@ class Node:
                  self.replicator]
         loops = [loop for part in parts if part for loop in part.loops]
         loops += [self.lag.loop, self.answers.loop, self.housekeeping,
-                  self.scheduler.loop]
+                  self.scheduler.loop, self.draws.loop]
         return {loop.name: loop for loop in loops}
 
     def health(self):
@@ -3292,6 +3939,15 @@ def _routes(app, node):
     app.route('/admin/api/products/<product_id>/schedule', 'POST',
               lambda product_id: _schedule(node, path_id(product_id)))
     app.route('/admin/api/sales', 'POST', lambda: _sales(node))
+    app.route('/admin/api/products/<product_id>/draw', 'POST',
+              lambda product_id: _define_draw(node, path_id(product_id)))
+    app.route('/api/draws/<product_id>', 'GET',
+              lambda product_id: _draw(node, path_id(product_id)))
+    app.route('/api/draws/<product_id>/entry', 'POST',
+              lambda product_id: _enter(node, path_id(product_id)))
+    app.route('/api/draws/<product_id>/entry', 'DELETE',
+              lambda product_id: _withdraw(node, path_id(product_id)))
+    app.route('/api/entries', 'GET', lambda: _shopper_entries(node))
     app.route('/metrics', 'GET', lambda: _metrics(node))
     app.route('/admin/api/overview', 'GET', lambda: _overview(node))
     app.route('/admin/api/products/<product_id>/orders', 'GET',
@@ -3492,6 +4148,8 @@ def _release(node, product_id):
     ip = _require_admin(node)
     if product_id not in node.inventory.products:
         raise ApiError(404, 'not_found')
+    if node.inventory.products[product_id].draw is not None:
+        raise ApiError(409, 'draw')   # sold by its draw, not first come
     changed = node.writes.release(product_id)
     sku = node.inventory.products[product_id].sku
     logger.info('released product %d (%s) for %s%s', product_id, sku, ip,
@@ -3532,6 +4190,8 @@ def _schedule(node, product_id):
         raise ApiError(404, 'not_found')
     if product.released:
         raise ApiError(409, 'already_released')
+    if product.draw is not None:
+        raise ApiError(409, 'draw')
     if at is not None and at <= utcnow():
         raise ApiError(409, 'in_the_past')
     if not node.writes.schedule(product_id, at):
@@ -3550,6 +4210,116 @@ def _sales(node):
     node.writes.pause_sales(paused)
     logger.info('%s sales for %s', 'paused' if paused else 'resumed', ip)
     return {'paused': paused}
+
+
+def _moment_field(body, key):
+    """`body[key]`: an ISO 8601 moment with a zone, or an ApiError."""
+    try:
+        return parse_moment(body.get(key))
+    except ValueError:
+        raise ApiError(400, f'{key} must be an ISO 8601 moment with a '
+                            'zone') from None
+
+
+def _define_draw(node, product_id):
+    """Release a product as a draw: entries from `at` (default now)
+    until `closes`, then the draw."""
+    ip = _require_admin(node)
+    body = json_body()
+    closes = _moment_field(body, 'closes')
+    at = None if body.get('at') is None else _moment_field(body, 'at')
+    if at is not None and closes <= at:
+        raise ApiError(400, 'closes must be after at')
+    product = node.inventory.products.get(product_id)
+    if product is None:
+        raise ApiError(404, 'not_found')
+    if product.released:
+        raise ApiError(409, 'already_released')
+    if product.draw is not None:
+        raise ApiError(409, 'draw_exists')
+    now = utcnow()
+    if closes <= now or (at is not None and at <= now):
+        raise ApiError(409, 'in_the_past')
+    draw = node.draws.define(product_id, at or now, closes)
+    if draw is None:   # released or made a draw meanwhile, elsewhere
+        raise ApiError(409, 'draw_exists')
+    logger.info('product %d (%s) is a draw from %s to %s for %s',
+                product_id, product.sku, iso_moment(draw.opens_at),
+                iso_moment(draw.closes_at), ip)
+    return {'product_id': product_id, 'state': product.state,
+            'opens_at': iso_moment(draw.opens_at),
+            'closes_at': iso_moment(draw.closes_at),
+            'commitment': draw.commitment}
+
+
+def _open_draw(node, product_id):
+    """A product's draw while it takes entries; 404 or 409 otherwise.
+    A draw this node does not know open yet is read from the database
+    (a peer's news may still be on its way)."""
+    product = node.inventory.products.get(product_id)
+    if product is None:
+        raise ApiError(404, 'not_found')
+    draw = product.draw
+    if draw is None or draw.state == 'scheduled':
+        draw = node.draws.reload(product_id)
+    if draw is None:
+        raise ApiError(404, 'not_found')
+    if not draw.takes_entries(utcnow()):
+        raise ApiError(409, DRAW_CLOSED)
+    return draw
+
+
+def _enter(node, product_id):
+    ip = node.limits.client_ip(bottle.request.environ)
+    item_id = positive_int(json_body(), 'item_id')
+    item = node.inventory.items.get(item_id)
+    if item is None or item.product_id != product_id:
+        raise ApiError(404, 'not_found')
+    shopper = _shopper(node)
+    node.limits.check_entry(ip, product_id, shopper)
+    draw = _open_draw(node, product_id)
+    if not draw.pairs.get(item_id):
+        raise ApiError(409, SOLD_OUT)   # the draw has no pair of it
+    entry_id = node.draws.enter(product_id, item_id, shopper)
+    if entry_id == DRAW_CLOSED:
+        raise ApiError(409, DRAW_CLOSED)
+    node.limits.entered(ip, product_id, shopper)
+    return {'entry_id': entry_id, 'item_id': item_id,
+            'product_id': product_id}
+
+
+def _withdraw(node, product_id):
+    node.limits.check_attempt(node.limits.client_ip(bottle.request.environ))
+    _open_draw(node, product_id)
+    shopper = unsign(bottle.request.get_cookie(SHOPPER_COOKIE),
+                     node.cookie_key)
+    outcome = node.draws.withdraw(product_id, shopper) if shopper \
+        else NO_ENTRY
+    if outcome == DRAW_CLOSED:
+        raise ApiError(409, DRAW_CLOSED)
+    if outcome == NO_ENTRY:
+        raise ApiError(404, 'not_found')
+    return {'product_id': product_id, 'withdrawn': True}
+
+
+def _draw(node, product_id):
+    document = node.draws.document(product_id)
+    if document is None:
+        raise ApiError(404, 'not_found')
+    bottle.response.set_header('Cache-Control', 'no-store')
+    return document
+
+
+def _shopper_entries(node):
+    """The cookie's shopper's draw entries (`[]` without a cookie)."""
+    bottle.response.set_header('Cache-Control', 'no-store')
+    shopper = unsign(bottle.request.get_cookie(SHOPPER_COOKIE),
+                     node.cookie_key)
+    rows = node.runner.read(shopper_entries, shopper) if shopper else []
+    return json_response(200, [
+        {'entry_id': entry_id, 'product_id': product_id,
+         'item_id': item_id, 'size': size}
+        for entry_id, product_id, item_id, size in rows])
 
 
 def _orders(node, product_id):
@@ -3607,7 +4377,7 @@ def _static(path):
 # ---------------------------------------------------------------------------
 
 COMMANDS = ('serve', 'seed', 'release', 'restock', 'sell-random', 'keygen',
-            'pause', 'resume', 'status', 'report')
+            'pause', 'resume', 'status', 'report', 'verify-draw')
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -3638,7 +4408,16 @@ def build_parser():
                            '(2026-12-01T18:00:00Z) or +90s, +10m, +2h')
     when.add_argument('--cancel', action='store_true',
                       help='cancel its scheduled release')
+    release.add_argument('--draw', action='store_true',
+                         help='sell it by a draw: entries from now (or '
+                              '--at) until --closes, then the winners')
+    release.add_argument('--closes', metavar='WHEN',
+                         help='when the draw closes (with --draw)')
     _url_option(release)
+    verify = commands.add_parser(
+        'verify-draw', help='recompute a published draw\'s winners')
+    verify.add_argument('url', help='a node of the store: http://host:port')
+    verify.add_argument('product', help='product id or sku')
     restock = commands.add_parser('restock', help='add stock to an item')
     restock.add_argument('item', help='item id or sku (SHU6000-9)')
     restock.add_argument('count', type=int, help='pairs to add (> 0)')
@@ -3719,6 +4498,7 @@ def serve_config(args):
     fields['admin_token'] = env.get('SNEAKERS23_ADMIN_TOKEN', '')
     fields['curve_secret'] = env.get('SNEAKERS23_CURVE_SECRET', '')
     fields['drop_rate'] = _drop_rate(env.get('SNEAKERS23_TEST_DROP_RATE'))
+    fields['hold_draw'] = env.get('SNEAKERS23_TEST_HOLD_DRAW') == '1'
     config = Config(**fields)
     curve_keys(config)  # a wrong key stops the node before it does anything
     return config
@@ -3899,6 +4679,8 @@ def _report(status, answer, client, success):
 def release_command(args):
     """`release PRODUCT [--at WHEN | --cancel]`: by id or sku, through
     the admin API."""
+    if args.draw or args.closes:
+        return draw_command(args)
     if args.at or args.cancel:
         return schedule_command(args)
     client = _admin_client(args)
@@ -3922,9 +4704,45 @@ def schedule_command(args):
         if a['scheduled'] else f'product {product_id} is not scheduled'))
 
 
-def when_moment(text, now=None):
-    """WHEN of `--at`: ISO 8601 with a zone, or +90s / +10m / +2h from
-    now; a naive UTC moment, or ConfigError."""
+def draw_command(args):
+    """`release PRODUCT --draw --closes WHEN [--at WHEN]`."""
+    if not (args.draw and args.closes) or args.cancel:
+        raise ConfigError('a draw needs --draw and --closes WHEN (and '
+                          'maybe --at WHEN), without --cancel')
+    now = utcnow()
+    body = {'closes': iso_moment(when_moment(args.closes, now, '--closes')),
+            'at': args.at and iso_moment(when_moment(args.at, now))}
+    client = _admin_client(args)
+    product_id = _find_product(client, args.product)
+    status, answer = client.admin(
+        f'/admin/api/products/{product_id}/draw', body)
+    return _report(status, answer, client, lambda a: (
+        f"product {product_id} is a draw from {a['opens_at']} to "
+        f"{a['closes_at']}; commitment {a['commitment']}"))
+
+
+def verify_draw_command(args):
+    """`verify-draw URL PRODUCT`: recompute the winners from the
+    published draw alone; exit 0 when they match, 1 when not."""
+    client = NodeClient(args.url.rstrip('/'))
+    product_id = _find_product(client, args.product)
+    status, document = client.request('GET', f'/api/draws/{product_id}')
+    if status != 200:
+        raise Refused(f'verify-draw: {args.url} answered {status} for the '
+                      f'draw of product {product_id}')
+    problem = verify_draw(document)
+    if problem:
+        raise Refused(f'verify-draw: {problem}')
+    print(f"the draw of product {product_id} checks out: "
+          f"{len(document['winners'])} winners among "
+          f"{len(document['entries'])} entries, the seed matches the "
+          f"commitment {document['commitment']}")
+    return 0
+
+
+def when_moment(text, now=None, option='--at'):
+    """WHEN of `--at` (or `option`): ISO 8601 with a zone, or +90s /
+    +10m / +2h from now; a naive UTC moment, or ConfigError."""
     now = now or utcnow()
     match = re.fullmatch(r'\+(\d{1,7})([smh])', text.strip())
     if match:
@@ -3933,7 +4751,7 @@ def when_moment(text, now=None):
     try:
         return parse_moment(text)
     except ValueError:
-        raise ConfigError(f'--at {text!r}: give ISO 8601 with a zone '
+        raise ConfigError(f'{option} {text!r}: give ISO 8601 with a zone '
                           '(2026-12-01T18:00:00Z) or +90s, +10m, +2h') \
             from None
 
@@ -4204,7 +5022,8 @@ def main(argv=None):
                 'sell-random': sell_random_command,
                 'keygen': keygen_command, 'pause': sales_command,
                 'resume': sales_command, 'status': status_command,
-                'report': report_command}
+                'report': report_command,
+                'verify-draw': verify_draw_command}
     try:
         return commands[args.command](args) or 0
     except ConfigError as e:

@@ -7,6 +7,7 @@
 const WINDOW_S = 300;          // seconds of sales the chart shows
 const STATE_WORDS = {
   released: 'released', scheduled: 'scheduled', coming_soon: 'coming soon',
+  draw_open: 'draw open', drawn: 'drawn',
 };
 const ERROR_WORDS = {
   unauthorized: 'the session ended or the token changed: sign in again',
@@ -16,6 +17,8 @@ const ERROR_WORDS = {
   cross_origin: 'refused: the request did not come from this page',
   unavailable: 'the database cannot be reached right now',
   not_found: 'it is not in the store',
+  draw_exists: 'it is a draw already',
+  draw: 'it is sold by a draw',
 };
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -199,9 +202,13 @@ function productArticle(product) {
   const at = element('input', 'schedule-at');
   at.type = 'datetime-local';
   at.setAttribute('aria-label', `Release ${product.sku} at (your local time; empty: in 60 s)`);
+  const closes = element('input', 'draw-closes');
+  closes.type = 'datetime-local';
+  closes.setAttribute('aria-label', `${product.sku}'s draw closes at (your local time; empty: in 10 minutes)`);
   actions.append(button('release-now', 'Release now', () => releaseNow(product)),
                  at, button('schedule', 'Schedule', () => schedule(product, at)),
-                 button('cancel-schedule', 'Cancel schedule', () => cancelSchedule(product)));
+                 button('cancel-schedule', 'Cancel schedule', () => cancelSchedule(product)),
+                 closes, button('draw', 'Draw', () => releaseAsDraw(product, at, closes)));
   article.append(head, figures, actions, sizesTable(product));
   return article;
 }
@@ -228,6 +235,7 @@ function sizesTable(product) {
 
 function updateProduct(article, product, view) {
   article.dataset.state = product.state;
+  article.dataset.draw = product.draw ? drawLine(product.draw) : '';
   article.dataset.releaseAt = product.release_at || '';
   const state = $('.state', article);
   state.textContent = STATE_WORDS[product.state] || product.state;
@@ -237,10 +245,13 @@ function updateProduct(article, product, view) {
   const rate = product.sales_per_s;   // over the last 10 s
   $('.rate', article).textContent = rate == null ? '–' : rate.toFixed(1);
   $('.watching', article).textContent = watchingOf(view, product.id);
-  $('.release-now', article).hidden = product.state === 'released';
-  $('.schedule', article).hidden = product.state === 'released';
-  $('.schedule-at', article).hidden = product.state === 'released';
-  $('.cancel-schedule', article).hidden = product.state !== 'scheduled';
+  const done = product.state === 'released' || Boolean(product.draw);
+  $('.release-now', article).hidden = done;
+  $('.schedule', article).hidden = done;
+  $('.schedule-at', article).hidden = done;
+  $('.cancel-schedule', article).hidden = product.state !== 'scheduled' || Boolean(product.draw);
+  $('.draw', article).hidden = done;
+  $('.draw-closes', article).hidden = done;
   for (const item of product.items) {
     const row = $(`tr.size[data-item-id="${item.id}"]`, article);
     if (!row) continue;
@@ -252,8 +263,21 @@ function updateProduct(article, product, view) {
   countdown(article);
 }
 
+// A draw's window and its entries so far (drawn: the draw is over).
+function drawLine(draw) {
+  const entries = Object.values(draw.entries).reduce((sum, n) => sum + n, 0);
+  const closes = new Date(draw.closes_at).toLocaleTimeString();
+  if (draw.state === 'scheduled') return `draw opens ${new Date(draw.opens_at).toLocaleTimeString()}, closes ${closes}`;
+  if (draw.state === 'drawn') return `drawn at the close (${closes})`;
+  return `closes ${closes} · ${entries} entr${entries === 1 ? 'y' : 'ies'}`;
+}
+
 function countdown(article) {
   const box = $('.countdown', article);
+  if (article.dataset.draw) {
+    box.textContent = article.dataset.draw;
+    return;
+  }
   if (article.dataset.state !== 'scheduled' || !article.dataset.releaseAt) {
     box.textContent = '';
     return;
@@ -335,6 +359,20 @@ async function schedule(product, input) {
   const answer = await send('POST', `/admin/api/products/${product.id}/schedule`,
                             {at: at.toISOString()});
   report(answer, () => `Scheduled ${product.sku} for ${at.toLocaleString()}.`);
+}
+
+async function releaseAsDraw(product, atInput, closesInput) {
+  const now = Date.now() + clockOffset;
+  const at = atInput.value ? new Date(atInput.value) : null;
+  const closes = closesInput.value
+    ? new Date(closesInput.value)
+    : new Date((at ? at.getTime() : now) + 600_000);
+  if (Number.isNaN(closes.getTime())) return say('Pick when the draw closes first.');
+  const opens = at ? `from ${at.toLocaleString()}` : 'from now';
+  if (!await confirmed(`Release ${product.sku} as a draw ${opens} until ${closes.toLocaleString()} (your time)? Shoppers enter; the winners are drawn at the close.`)) return;
+  const answer = await send('POST', `/admin/api/products/${product.id}/draw`,
+                            {closes: closes.toISOString(), at: at && at.toISOString()});
+  report(answer, (body) => `${product.sku} is a draw until ${new Date(body.closes_at).toLocaleString()}; commitment ${body.commitment.slice(0, 16)}…`);
 }
 
 async function cancelSchedule(product) {

@@ -129,8 +129,12 @@ function countdownText(releaseAt, now) {
 }
 
 // Every scheduled card's countdown; the sizes come with `released`.
+// An open draw counts down to its close.
 function tick() {
   const now = Date.now() + clockOffset;
+  for (const panel of document.querySelectorAll('.draw')) {
+    panel.querySelector('.draw__closes').textContent = closesText(panel, now);
+  }
   for (const product of document.querySelectorAll('.product')) {
     const countdown = product.querySelector('.countdown');
     if (!countdown) continue;
@@ -170,6 +174,18 @@ function setPaused(paused) {
   }
 }
 
+function closesText(panel, now) {
+  const moment = new Date(panel.dataset.closesAt);
+  const local = moment.toLocaleString([], {
+    weekday: 'short', hour: '2-digit', minute: '2-digit', second: '2-digit',
+  });
+  if (panel.dataset.drawState === 'drawn') return `Closed ${local}`;
+  const left = Math.ceil((moment.getTime() - now) / 1000);
+  if (left <= 0) return `Closed ${local}: drawing…`;
+  const [m, s] = [Math.floor(left / 60), left % 60];
+  return `Closes ${local} · in ${m}:${twoDigits(s)}`;
+}
+
 function applySnapshot(snapshot) {
   if ('paused' in snapshot) setPaused(snapshot.paused);
   for (const product of snapshot.products) {
@@ -184,6 +200,7 @@ function applySnapshot(snapshot) {
       const button = sizeButton(item.id);
       if (button) setLevel(button, item.level);
     }
+    if (product.draw) applyDraw(product.draw);
   }
 }
 
@@ -196,6 +213,7 @@ const HANDLERS = {
   snapshot: applySnapshot,
   scheduled: (data) => setSchedule(data.product_id, data.release_at),
   sales: (data) => setPaused(data.paused),
+  draw: applyDraw,
 };
 
 function setConnection(state) {
@@ -383,6 +401,7 @@ function showOrders() {
   if (selected && ownOrder(selected.closest('.product').dataset.productId)) {
     unselect();
   }
+  showEntries();
   const shown = orders.filter((o) => card(o.product_id));
   document.querySelector('.your-pairs__list').replaceChildren(
     ...shown.map(pairEntry));
@@ -399,7 +418,134 @@ function pairEntry(order) {
   return entry;
 }
 
+// ---- draws (POST/DELETE /api/draws/<id>/entry, GET /api/entries) ----
+
+const DRAW_WORDS = {
+  draw_closed: 'The draw is closed: entries are no longer taken.',
+  too_many_requests: 'Too many entries from your network: try later.',
+  sold_out: 'That size has no pairs in this draw.',
+  not_found: 'This draw is not in the store.',
+};
+let entries = [];
+
+function ownEntry(productId) {
+  return entries.find((e) => String(e.product_id) === String(productId));
+}
+
+async function loadEntries() {
+  try {
+    const response = await fetch('/api/entries', {cache: 'no-store'});
+    if (!response.ok) return;
+    entries = await response.json();
+    showEntries();
+  } catch (error) {
+    // offline: keep what the page shows
+  }
+}
+
+function showEntries() {
+  for (const panel of document.querySelectorAll('.draw')) {
+    showEntry(panel.closest('.product'));
+  }
+}
+
+// "Entered: size 9 · entry #12", the pressed size, the withdraw button,
+// and once drawn the shopper's own result.
+function showEntry(product) {
+  const panel = product.querySelector('.draw');
+  if (!panel) return;
+  const own = ownEntry(product.dataset.productId);
+  for (const button of panel.querySelectorAll('.draw__size')) {
+    const mine = Boolean(own) && button.value === String(own.item_id);
+    button.setAttribute('aria-pressed', String(mine));
+  }
+  panel.querySelector('.draw__mine').textContent = own ?
+    `Entered: size ${own.size} · entry #${own.entry_id}` : '';
+  panel.querySelector('.draw__withdraw').hidden =
+    !own || panel.dataset.drawState !== 'open';
+  panel.querySelector('.draw__result').textContent = drawResult(product, own);
+}
+
+function drawResult(product, own) {
+  const panel = product.querySelector('.draw');
+  if (panel.dataset.drawState !== 'drawn' || !own) return '';
+  const winners = panel.dataset.winners.split(',').map(Number);
+  if (!winners.includes(own.entry_id)) return 'Not this time';
+  const order = ownOrder(product.dataset.productId);
+  return `You won size ${own.size} — order #${order ? order.order_id : '…'}`;
+}
+
+function applyDraw(data) {
+  const product = card(data.product_id);
+  if (!product) return;
+  if (data.draw_html) {
+    product.querySelector('.product__sizes').innerHTML = data.draw_html;
+    product.dataset.releaseAt = '';
+    product.dataset.draw = data.state;
+    product.classList.remove('product--scheduled');
+  }
+  const panel = product.querySelector('.draw');
+  if (!panel) return;
+  for (const [itemId, n] of Object.entries(data.entries)) {
+    const count = panel.querySelector(`.draw__count[data-item-id="${itemId}"]`);
+    if (count) count.textContent = n;
+  }
+  showEntry(product);
+  tick();
+  if (data.state === 'drawn') {
+    loadOrders();
+    const result = panel.querySelector('.draw__result').textContent;
+    if (result && isCurrent(product)) announce(result);
+  }
+}
+
+async function sendEntry(product, method, itemId) {
+  const options = {method, headers: {'Content-Type': 'application/json'}};
+  if (itemId) options.body = JSON.stringify({item_id: Number(itemId)});
+  try {
+    const response = await fetch(
+        `/api/draws/${product.dataset.productId}/entry`, options);
+    return [response.ok, await response.json().catch(() => null)];
+  } catch (error) {
+    return [false, {error: 'offline'}];
+  }
+}
+
+function drawRefusal(product, body) {
+  const words = DRAW_WORDS[body && body.error] ||
+    'Could not reach the store. Try again.';
+  say(product, words, false);
+  announce(words);
+}
+
+async function enterDraw(button) {
+  const product = button.closest('.product');
+  const size = button.querySelector('.draw__size-name').textContent.trim();
+  const [ok, body] = await sendEntry(product, 'POST', button.value);
+  if (!ok) return drawRefusal(product, body);
+  entries = [...entries.filter((e) => e.product_id !== body.product_id),
+    {...body, size}];
+  showEntry(product);
+  say(product, '');
+  announce(`Entered the draw: size ${size}.`);
+}
+
+async function withdrawEntry(button) {
+  const product = button.closest('.product');
+  const [ok, body] = await sendEntry(product, 'DELETE');
+  if (!ok) return drawRefusal(product, body);
+  entries = entries.filter(
+      (e) => String(e.product_id) !== product.dataset.productId);
+  showEntry(product);
+  say(product, 'Your entry is withdrawn.', true);
+  announce('Your entry is withdrawn.');
+}
+
 document.addEventListener('click', (event) => {
+  const entry = event.target.closest('.draw__size');
+  if (entry && !entry.disabled) enterDraw(entry);
+  const withdraw = event.target.closest('.draw__withdraw');
+  if (withdraw) withdrawEntry(withdraw);
   const size = event.target.closest('.size-container__entry');
   if (size && !size.disabled) select(size);
   const confirm = event.target.closest('.product__buy');
@@ -423,6 +569,7 @@ if (otherTabs) otherTabs.addEventListener('message', () => loadOrders());
 
 connect();
 loadOrders();
+loadEntries();
 syncClock();
 tick();
 setInterval(tick, 250);

@@ -730,3 +730,54 @@ def private_pg():
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+# ---------------------------------------------------------------------------
+# Draws
+# ---------------------------------------------------------------------------
+
+def write_database(db_url, sql, params=()):
+    """Run one write statement straight on the database (committed)."""
+    database = sneakers23.open_database(db_url)
+    if db_url.startswith('postgres'):
+        sql = sql.replace('?', '%s')
+    try:
+        with database.connection_context():
+            database.execute_sql(sql, params)
+    finally:
+        if hasattr(database, 'close_all'):
+            database.close_all()
+
+
+def close_draw_now(db_url, product_id):
+    """The clock reaching a draw's close, without waiting for it: its
+    `closes_at` moved to now in the database, its version bumped, so that
+    every node reads it at its next look (every DRAW_TICK)."""
+    now = sneakers23.utcnow()
+    write_database(db_url, 'UPDATE draw SET closes_at = ?, '
+                   'version = version + 1 WHERE product_id = ?',
+                   (now if db_url.startswith('postgres') else str(now),
+                    product_id))
+
+
+def define_draw(url, product_id, closes='2099-01-01T00:00:00Z', at=None):
+    """Release a product as a draw through the admin API of the node at
+    `url`; the answer."""
+    status, _, answer = call(url, 'POST',
+                             f'/admin/api/products/{product_id}/draw',
+                             {'closes': closes, 'at': at},
+                             headers=admin_headers())
+    assert status == 200, answer
+    return answer
+
+
+def enter(url, product_id, item_id, cookie=None):
+    """One entry (as the shopper of `cookie`, else a new one): (status,
+    answer, the shopper's cookie)."""
+    headers = {'Cookie': cookie} if cookie else {}
+    status, got, answer = call(url, 'POST',
+                               f'/api/draws/{product_id}/entry',
+                               {'item_id': item_id}, headers=headers)
+    for set_cookie in got['set-cookies']:
+        cookie = set_cookie.split(';')[0]
+    return status, answer, cookie

@@ -262,6 +262,11 @@ def test_every_answer_of_the_write_routes_is_what_the_server_answers(
     got.add(*RESTOCK, restock(local, in_stock[0], 10, token=None))
     got.add(*RELEASE, release(local, 10**9))
     got.add(*RELEASE, release(local, 2, token=None))
+    # A product sold by a draw is never released first come, first served.
+    assert local.request('POST', '/admin/api/products/4/draw', token=TOKEN,
+                         json={'closes': '2099-01-01T00:00:00Z'}
+                         ).status_code == 200
+    got.add(*RELEASE, release(local, 4))
 
     # The kill switch: a purchase while sales are paused sells nothing.
     before = local.state()
