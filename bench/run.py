@@ -1741,10 +1741,12 @@ def draw_curve(path, fan, buys):
     left.set_xlabel('open SSE streams')
     left.set_ylabel('ms from the purchase to each stream')
     memory = left.twinx()
-    memory.plot(xs, [p['kb_per_stream'] for p in fan], 's-',
-                color='#2563eb', label='KB per stream')
-    memory.set_ylabel('KB of node memory per stream', color='#2563eb')
-    memory.set_ylim(0, max(p['kb_per_stream'] for p in fan) * 2.2)
+    growth = [p['kb_per_stream'] * p['streams'] / 1024 for p in fan]
+    memory.plot(xs, growth, 's-', color='#2563eb',
+                label='node RSS growth (MB)')
+    memory.set_ylabel('MB of node memory for the open streams',
+                      color='#2563eb')
+    memory.set_ylim(0, max(growth) * 2.2)
     left.set_ylim(0, max(120, max(p['p99_ms'] for p in fan) * 1.3))
     lines = left.get_lines() + memory.get_lines()
     left.legend(lines, [line.get_label() for line in lines],
