@@ -1307,11 +1307,13 @@ def start_drop_client(ctx, label, node, product_id, watchers, buyers,
 
 
 def start_profile(ctx, label, proc):
-    """py-spy sampling the node through the drop (`--profile`), or None."""
+    """py-spy sampling the node through the drop and the buyers alone
+    (`--profile`), or None."""
     spy = os.path.join(ROOT, '.venv', 'bin', 'py-spy')
-    if not ctx.args.profile or label != 'drop' or not os.path.exists(spy):
+    if not ctx.args.profile or label not in ('drop', 'buyers-alone') \
+            or not os.path.exists(spy):
         return None
-    out = os.path.join(RESULTS, 'drop-profile.txt')
+    out = os.path.join(RESULTS, f'{label}-profile.txt')
     return ctx.procs.start([spy, 'record', '--pid', str(proc.pid),
                             '--rate', '200', '--threads', '--nonblocking',
                             '--format', 'raw', '--output', out],
@@ -1598,12 +1600,13 @@ def bench_drop(ctx):
             higher_is_better=False, target_value=50)
     ctx.row('drop: peak RSS of the node', drop['peak_rss_kb'] / 1024,
             alone_watch['peak_rss_kb'] / 1024, 'MB')
-    if drop.get('profile'):
-        ctx.note(f'drop: where the node\'s time went (py-spy, '
-                 f'{drop["profile"]["samples"]} samples, '
-                 f'{drop["profile"]["file"]}): ' + '; '.join(
-                     f'{share}% {leaf}' for leaf, share
-                     in drop['profile']['top']))
+    for r in (alone_buy, drop):
+        if r.get('profile'):
+            ctx.note(f'drop {r["label"]}: where the node\'s time went '
+                     f'(py-spy, {r["profile"]["samples"]} samples, '
+                     f'{r["profile"]["file"]}): ' + '; '.join(
+                         f'{share}% {leaf}' for leaf, share
+                         in r['profile']['top']))
     if drop.get('stock_after_answer_p99_ms') is not None:
         ctx.note(f'drop: stock_change p99 from the causing purchase\'s 201 '
                  f'answer instead of its request: '
