@@ -298,12 +298,18 @@ def sse():
 
 def db_rows(db_url, sql, params=()):
     """Rows of one query, straight from the database (the truth)."""
+    return _straight(db_url, sql, params, lambda cursor: cursor.fetchall())
+
+
+def _straight(db_url, sql, params, then):
+    """`then(cursor)` of one statement on its own connection (committed;
+    `?` placeholders on either database)."""
     database = sneakers23.open_database(db_url)
     if db_url.startswith('postgres'):
         sql = sql.replace('?', '%s')
     try:
         with database.connection_context():
-            return database.execute_sql(sql, params).fetchall()
+            return then(database.execute_sql(sql, params))
     finally:
         if hasattr(database, 'close_all'):
             database.close_all()
@@ -738,15 +744,7 @@ def private_pg():
 
 def write_database(db_url, sql, params=()):
     """Run one write statement straight on the database (committed)."""
-    database = sneakers23.open_database(db_url)
-    if db_url.startswith('postgres'):
-        sql = sql.replace('?', '%s')
-    try:
-        with database.connection_context():
-            database.execute_sql(sql, params)
-    finally:
-        if hasattr(database, 'close_all'):
-            database.close_all()
+    _straight(db_url, sql, params, lambda cursor: None)
 
 
 def close_draw_now(db_url, product_id):
