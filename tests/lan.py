@@ -124,16 +124,20 @@ class Agent:
             if waiter is not None:
                 waiter.set(message)
 
-    def ask(self, timeout=60, **request):
+    def ask(self, wait=60, **request):
+        """Send one request to the agent; its answer (`wait` s at most)."""
         request['id'] = next(self.ids)
         waiter = self.waiting[request['id']] = gevent.event.AsyncResult()
         self.proc.stdin.write(json.dumps(request) + '\n')
         self.proc.stdin.flush()
-        return waiter.get(timeout=timeout)
+        return waiter.get(timeout=wait)
 
     def http(self, method, url, body=None, headers=None, timeout=10):
-        return self.ask(op='http', method=method, url=url, body=body,
-                        headers=headers, timeout=timeout)
+        """One HTTP request from the agent's host; status 0 when no
+        answer came within `timeout`."""
+        return self.ask(wait=timeout + 30, op='http', method=method,
+                        url=url, body=body, headers=headers,
+                        timeout=timeout)
 
     def sse(self, url):
         return self.ask(op='sse', url=url)['id']
