@@ -450,14 +450,50 @@ class ThreadCommitSqliteDatabase(SqliteDatabase):
             return self._committer.apply(self._state.conn.commit)
 
 
+PG_CONNECT_STALL = 1.0      # s a connect may go without progress
+
+
+def _wait_for_postgresql(conn, timeout=None):
+    """psycogreen's wait callback, with a bound while connecting.
+
+    psycopg2 connects asynchronously here, so libpq's connect_timeout is
+    never applied, and a gevent Timeout did not end a connect whose SYN
+    was lost in a cut link either (one such wait lasted 7.1 s): it held
+    the lock Peewee takes around every connect, and the first purchase
+    after the database's cable was back waited 1.7 s for it
+    (tests/test_lan.py; 0.6 s with this bound). A connect that makes no
+    progress for PG_CONNECT_STALL fails now; queries are bounded by their
+    deadlines.
+    """
+    import psycopg2
+    from gevent.socket import wait_read, wait_write
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        ext = psycopg2.extensions
+        stall = None if conn.status in (
+            ext.STATUS_READY, ext.STATUS_BEGIN, ext.STATUS_PREPARED) \
+            else PG_CONNECT_STALL   # still connecting
+        wait = wait_read if state == psycopg2.extensions.POLL_READ \
+            else wait_write
+        try:
+            wait(conn.fileno(), timeout=stall)
+        except TimeoutError:   # gevent's socket.timeout
+            raise psycopg2.OperationalError(
+                f'no progress connecting for {stall} s') from None
+
+
 def _open_postgresql(parts):
     """PostgreSQL through psycopg2, made cooperative by psycogreen."""
     try:
         import psycogreen.gevent
+        import psycopg2.extensions
         from playhouse.pool import PooledPostgresqlDatabase
     except ImportError as e:  # pragma: no cover - pinned in requirements
         raise ConfigError(f'PostgreSQL support is missing: {e}') from None
-    psycogreen.gevent.patch_psycopg()
+    psycogreen.gevent.patch_psycopg()   # checks that psycopg2 can
+    psycopg2.extensions.set_wait_callback(_wait_for_postgresql)
     name = parts.path.lstrip('/')
     if not name:
         raise ConfigError('a PostgreSQL URL needs a database name')
@@ -2962,8 +2998,12 @@ class DrawKeeper:
         wait for the next moment (at most DRAW_IDLE) or a peer's news."""
         self._wake.clear()
         try:
-            self.look()
-            self._advance(utcnow())
+            # While the database is away (the runner's probe says when it
+            # is back), a look would only queue for a connection that
+            # purchases need the moment it returns.
+            if self.runner.state == 'ok':
+                self.look()
+                self._advance(utcnow())
         except DB_AWAY as e:
             logger.warning('draws: the database is away: %s', e)
         self._send_counts()
