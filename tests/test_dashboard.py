@@ -428,10 +428,9 @@ def test_the_overview_event_follows_a_purchase(node, sse):
 # Two nodes on one database
 # ---------------------------------------------------------------------------
 
-@pytest.fixture
-def pair(tmp_path, db_url):
-    """Nodes a and b of one peers.toml (replication on), SQLite and
-    PostgreSQL, both up and hearing each other."""
+def two_nodes(tmp_path, db_url):
+    """Nodes a and b of one peers.toml (replication on), both up and
+    hearing each other; stopped when the generator closes."""
     group = Cluster(tmp_path, db_url, names=('a', 'b'))
     try:
         seed_database(db_url)
@@ -442,15 +441,15 @@ def pair(tmp_path, db_url):
 
 
 @pytest.fixture
+def pair(tmp_path, db_url):
+    """Two nodes on SQLite and on PostgreSQL."""
+    yield from two_nodes(tmp_path, db_url)
+
+
+@pytest.fixture
 def sqlite_pair(tmp_path, sqlite_url):
-    """Nodes a and b of one peers.toml on SQLite (replication on)."""
-    group = Cluster(tmp_path, sqlite_url, names=('a', 'b'))
-    try:
-        seed_database(sqlite_url)
-        group.start()
-        yield group.nodes['a'], group.nodes['b']
-    finally:
-        group.close()
+    """Two nodes on SQLite."""
+    yield from two_nodes(tmp_path, sqlite_url)
 
 
 def test_a_session_from_node_a_works_on_node_b(pair, sse):
