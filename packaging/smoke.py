@@ -213,10 +213,39 @@ def check_first_start(binary):
     check(f'serving on http://127.0.0.1:{port}' in output(proc)
           and 'admin token' in output(proc),
           f'the first start did not print its token and URL: {tail(proc)}')
+    worker = fan_out_worker(port)
     check(binary.stop(proc) == 0, f'SIGTERM: exit {proc.returncode}')
+    check(wait_gone(worker), f'its fan-out worker {worker} outlived it')
     check(os.listdir(binary.folder) == ['sneakers23'],
           f'the binary wrote beside itself: {os.listdir(binary.folder)}')
     return seconds
+
+
+def fan_out_worker(port):
+    """The pid of the node's fan-out worker, once it runs (the binary
+    starts it as a second process of itself)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        fan_out = get_json(port, '/healthz')['fan_out']
+        check(fan_out['process'] == 'worker', f'fan_out: {fan_out}')
+        if fan_out['rss_bytes']:   # it reported: it runs
+            return fan_out['pid']
+        time.sleep(0.1)
+    raise SmokeError(f'no fan-out worker reported in 20 s: {fan_out}')
+
+
+def wait_gone(pid, timeout=10):
+    """True once process `pid` is gone (or a zombie)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                if f.read().rpartition(')')[2].split()[0] == 'Z':
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def check_store(binary):

@@ -235,6 +235,8 @@ class SSEClient:
         parts = urllib.parse.urlsplit(url)
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port,
                                                timeout=60)
+        self.conn.connect()
+        self.port = self.conn.sock.getsockname()[1]   # this end's port
         self.conn.request('GET', path, headers=headers or {})
         self.response = self.conn.getresponse()
         self.headers = {k.lower(): v for k, v in

@@ -5,7 +5,9 @@ the rest talk to a real node process over HTTP.
 """
 
 import json
+import os
 import re
+import signal
 import socket
 import time
 from types import SimpleNamespace
@@ -13,7 +15,7 @@ from types import SimpleNamespace
 import bottle
 import gevent
 import pytest
-from conftest import SSEClient, call, wait_until
+from conftest import SSEClient, _process_state, call, wait_until
 
 import sneakers23
 
@@ -861,3 +863,109 @@ def test_rendering_again_compiles_no_new_template():
         sneakers23.size_html(product)
         del ballast
     assert len(bottle.TEMPLATES) == cached
+
+
+# ---------------------------------------------------------------------------
+# The fan-out worker: the process that writes the shoppers' streams
+# ---------------------------------------------------------------------------
+
+def fan_out(node):
+    return health_of(node)['fan_out']
+
+
+def parent_of(pid):
+    with open(f'/proc/{pid}/stat') as f:
+        return int(f.read().rpartition(')')[2].split()[1])
+
+
+def holders(server_port, client_port):
+    """Pids of the processes holding the server's end of the loopback
+    TCP connection from `client_port` to `server_port`."""
+    inodes = set()
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                local, remote = fields[1], fields[2]
+                if (int(local.rsplit(':', 1)[1], 16) == server_port
+                        and int(remote.rsplit(':', 1)[1], 16) == client_port):
+                    inodes.add(f'socket:[{fields[9]}]')
+    found = set()
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            fds = os.listdir(f'/proc/{pid}/fd')
+            if any(os.readlink(f'/proc/{pid}/fd/{fd}') in inodes
+                   for fd in fds):
+                found.add(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_streams_are_written_by_the_nodes_fan_out_worker(sqlite_node, sse):
+    """After its opening a stream belongs to the node's fan-out worker, a
+    child process: it holds the socket, counts it for /healthz, and
+    writes it every event."""
+    node = sqlite_node
+    node.release(1)
+    client = sse(node.url, '/events?products=1')
+    wait_until(lambda: streams(node) == 1, 5, 'the worker counts it')
+    worker = fan_out(node)
+    assert worker['process'] == 'worker' and worker['restarts'] == 0
+    assert parent_of(worker['pid']) == node.proc.pid
+    assert worker['rss_bytes'] > 0
+    assert holders(node.port, client.port) == {worker['pid']}
+    item = low_item(node, 1)
+    raise_to(node, item, 150)
+    buy(node, item['id'])
+    levels = [e['data']['level'] for e in
+              client.wait_for('stock_change', count=2)]
+    assert levels == ['medium', 'low']
+
+
+def test_a_killed_fan_out_worker_is_replaced_and_shoppers_resume(
+        sqlite_node, sse):
+    """kill -9 of the worker ends its streams; the node starts another,
+    and a shopper who comes back with Last-Event-ID gets what happened
+    meanwhile from the node's ring, then the next events from the new
+    worker, in order."""
+    node = sqlite_node
+    node.release(1)
+    first = sse(node.url, '/events?products=1')
+    wait_until(lambda: streams(node) == 1, 5, 'the worker counts it')
+    item = low_item(node, 1)
+    raise_to(node, item, 150)
+    seen = first.wait_for('stock_change')[-1]['id']
+    old = fan_out(node)['pid']
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: first._reader.dead, 5, 'the stream ended with it')
+    buy(node, item['id'])                                   # -> low
+    wait_until(lambda: fan_out(node)['pid'] not in (None, old), 10,
+               'a new worker')
+    back = sse(node.url, '/events?products=1',
+               headers={'Last-Event-ID': seen})
+    back.wait_for('stock_change')
+    raise_to(node, node.item(item['id']), 150)              # -> medium
+    events = back.wait_for('stock_change', count=2)
+    assert [e['data']['level'] for e in events] == ['low', 'medium']
+    assert [seq_of(e['id']) for e in events] == [
+        seq_of(seen) + 1, seq_of(seen) + 2]
+    wait_until(lambda: streams(node) == 1, 5, 'the new worker counts it')
+    health = health_of(node)
+    assert health['ok'] and health['fan_out']['restarts'] == 1
+    assert 'the fan-out worker' in ''.join(node.output)
+
+
+@pytest.mark.parametrize('how', [signal.SIGTERM, signal.SIGKILL])
+def test_the_fan_out_worker_ends_with_its_node(start_node, sqlite_url, sse,
+                                               how):
+    """Stopped or killed, a node leaves no worker behind, and the
+    worker's shoppers see their streams end (they reconnect)."""
+    node = start_node(sqlite_url)
+    client = sse(node.url)
+    wait_until(lambda: streams(node) == 1, 5, 'the worker counts it')
+    pid = fan_out(node)['pid']
+    node.stop(how)
+    wait_until(lambda: _process_state(pid) in ('', 'Z'), 5,
+               'the worker is gone')
+    wait_until(lambda: client._reader.dead, 5, 'the stream ended')
