@@ -2754,8 +2754,14 @@ class FanOutWorker:
         buffer = bytearray()
         try:
             while True:
-                data, fds, _, _ = socket.recv_fds(self.channel, 1 << 20, 8)
+                data, fds, flags, _ = socket.recv_fds(self.channel,
+                                                      1 << 20, 8)
                 self._fds.extend(fds)
+                if flags & socket.MSG_CTRUNC and not fds:
+                    # Out of file descriptors: the kernel closed the one
+                    # sent (each arrives alone, with its frame's first
+                    # bytes). Its stream is skipped; the rest stay paired.
+                    self._fds.append(None)
                 if not data:
                     return
                 buffer += data
@@ -2766,7 +2772,8 @@ class FanOutWorker:
                 loop.stop()
             self.hub.stop()
             for fd in self._fds:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
 
     def _take(self, kind, body):
         if kind == b'e':
@@ -2775,10 +2782,12 @@ class FanOutWorker:
                              body[EVENT_HEAD.size:])
         elif kind == b's':
             cursor, products, unsent = parse_stream_frame(body)
-            if not self._fds:   # its socket did not come along
-                logger.error('fan-out worker: a stream without its socket')
+            fd = self._fds.popleft() if self._fds else None
+            if fd is None:
+                logger.warning('fan-out worker: out of file descriptors, '
+                               'a stream was closed')
                 return
-            sock = _socket.socket(fileno=self._fds.popleft())
+            sock = _socket.socket(fileno=fd)
             sock.setblocking(False)
             self.hub.own(sock, cursor, products, (unsent,))
 

@@ -7,6 +7,7 @@ the rest talk to a real node process over HTTP.
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import time
@@ -969,3 +970,37 @@ def test_the_fan_out_worker_ends_with_its_node(start_node, sqlite_url, sse,
     wait_until(lambda: _process_state(pid) in ('', 'Z'), 5,
                'the worker is gone')
     wait_until(lambda: client._reader.dead, 5, 'the stream ended')
+
+
+def test_a_worker_out_of_file_descriptors_keeps_streams_paired(sqlite_node,
+                                                                sse):
+    """Past the worker's file limit a stream handed over is closed (its
+    shopper reconnects later); the streams before and after it keep
+    their own filters and cursors: nobody gets another's events."""
+    node = sqlite_node
+    node.release(1)
+    node.release(2)
+    pid = fan_out(node)['pid']
+    room = len(os.listdir(f'/proc/{pid}/fd')) + 8
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (room, room))
+    ones = [sse(node.url, '/events?products=1') for _ in range(12)]
+
+    def settled():
+        closed = sum(c._reader.dead for c in ones)
+        return closed and closed + streams(node) == len(ones)
+    wait_until(settled, 5, 'streams kept or closed for want of files')
+    kept = [c for c in ones if not c._reader.dead]
+    assert len(kept) >= 2
+    kept.pop().close()
+    wait_until(lambda: streams(node) == len(kept), 5, 'one left')
+    two = sse(node.url, '/events?products=2')
+    wait_until(lambda: streams(node) == len(kept) + 1, 5,
+               'the newcomer kept in the room the leaver made')
+    for product_id in (1, 2):
+        raise_to(node, low_item(node, product_id), 150)
+    for client in kept:
+        events = client.wait_for('stock_change')
+        assert [e['data']['product_id'] for e in events] == [1]
+    events = two.wait_for('stock_change')
+    assert [e['data']['product_id'] for e in events] == [2]
+    assert 'out of file descriptors' in ''.join(node.output)
