@@ -2146,6 +2146,7 @@ class EventHub:
         self.cut_off = 0
         self._ring = deque(maxlen=buffer_size)
         self._streams = set()
+        self._filters = Counter()   # open streams by filter
         self._dirty = gevent.event.Event()
         self._loop = gevent.get_hub().loop
         self._sender = gevent.threadpool.ThreadPool(1)
@@ -2167,7 +2168,7 @@ class EventHub:
     def filters(self):
         """Counter {filter: open streams}, a filter being a frozenset of
         product ids or None (every product)."""
-        return Counter(stream.products for stream in self._streams)
+        return Counter(self._filters)
 
     def watching(self):
         """{product_id: open streams that include it} (a stream without
@@ -2250,6 +2251,7 @@ class EventHub:
         stream.reader = self._loop.io(sock.fileno(), 1)
         stream.reader.start(self._on_readable, stream)
         self._streams.add(stream)
+        self._filters[products] += 1
         for chunk in chunks:
             if chunk and stream in self._streams:
                 self._send(stream, chunk)
@@ -2450,6 +2452,9 @@ class EventHub:
         if stream not in self._streams:
             return
         self._streams.discard(stream)
+        self._filters[stream.products] -= 1
+        if not self._filters[stream.products]:
+            del self._filters[stream.products]
         for watcher in (stream.reader, stream.writer):
             if watcher is not None:
                 watcher.stop()
@@ -2545,7 +2550,7 @@ class FanOutProcess(EventHub):
         self._ready = gevent.event.Event()
         self._stopping = gevent.event.Event()
         self._channel = self._proc = None
-        self._open, self._filters, self._cut_before = 0, Counter(), 0
+        self._open, self._cut_before = 0, 0
         self.restarts, self.rss_bytes = 0, None
         self.loops = [Loop('fan-out-worker', self._tend),
                       Loop('fan-out-feed', self._feed)]
@@ -2553,9 +2558,6 @@ class FanOutProcess(EventHub):
     @property
     def open_streams(self):
         return self._open
-
-    def filters(self):
-        return Counter(self._filters)
 
     def describe(self):
         return {'process': 'worker', 'restarts': self.restarts,
@@ -2690,7 +2692,7 @@ class FanOutProcess(EventHub):
             self._channel = None
             ours.close()
             self._cut_before = self.cut_off
-            self._open, self._filters = 0, Counter()
+            self._open, self._filters = 0, Counter()   # all gone
         if self._stopping.is_set():
             return
         try:
