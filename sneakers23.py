@@ -2146,7 +2146,8 @@ class EventHub:
         self.cut_off = 0
         self._ring = deque(maxlen=buffer_size)
         self._streams = set()
-        self._filters = Counter()   # open streams by filter
+        # Open streams by the product they watch (every product: _everyone)
+        self._everyone, self._watch = 0, Counter()
         self._dirty = gevent.event.Event()
         self._loop = gevent.get_hub().loop
         self._sender = gevent.threadpool.ThreadPool(1)
@@ -2165,21 +2166,22 @@ class EventHub:
     def open_streams(self):
         return len(self._streams)
 
-    def filters(self):
-        """Counter {filter: open streams}, a filter being a frozenset of
-        product ids or None (every product)."""
-        return Counter(self._filters)
-
     def watching(self):
         """{product_id: open streams that include it} (a stream without
         a filter includes every product)."""
-        filters = self.filters()
-        everyone = filters.pop(None, 0)
-        counts = Counter({pid: everyone for pid in self.inventory.products})
-        for products, streams in filters.items():
-            for pid in products:
-                counts[pid] += streams
+        counts = Counter({pid: self._everyone
+                          for pid in self.inventory.products})
+        counts.update(self._watch)
         return counts
+
+    def _count(self, products, step):
+        if products is None:
+            self._everyone += step
+            return
+        for pid in products:
+            self._watch[pid] += step
+            if not self._watch[pid]:
+                del self._watch[pid]
 
     def start(self):
         self._sender.apply(int)  # start its thread now, not mid-drop
@@ -2251,7 +2253,7 @@ class EventHub:
         stream.reader = self._loop.io(sock.fileno(), 1)
         stream.reader.start(self._on_readable, stream)
         self._streams.add(stream)
-        self._filters[products] += 1
+        self._count(products, 1)
         for chunk in chunks:
             if chunk and stream in self._streams:
                 self._send(stream, chunk)
@@ -2452,9 +2454,7 @@ class EventHub:
         if stream not in self._streams:
             return
         self._streams.discard(stream)
-        self._filters[stream.products] -= 1
-        if not self._filters[stream.products]:
-            del self._filters[stream.products]
+        self._count(stream.products, -1)
         for watcher in (stream.reader, stream.writer):
             if watcher is not None:
                 watcher.stop()
@@ -2692,7 +2692,7 @@ class FanOutProcess(EventHub):
             self._channel = None
             ours.close()
             self._cut_before = self.cut_off
-            self._open, self._filters = 0, Counter()   # all gone
+            self._open, self._everyone, self._watch = 0, 0, Counter()
         if self._stopping.is_set():
             return
         try:
@@ -2724,9 +2724,8 @@ class FanOutProcess(EventHub):
                     self._open = counts['open']
                     self.cut_off = self._cut_before + counts['cut_off']
                     self.rss_bytes = counts['rss_bytes']
-                    self._filters = Counter({
-                        None if ids is None else frozenset(ids): n
-                        for ids, n in counts['filters']})
+                    self._everyone = counts['everyone']
+                    self._watch = Counter(dict(counts['watch']))
 
 
 class FanOutWorker:
@@ -2794,10 +2793,13 @@ class FanOutWorker:
             self.hub.own(sock, cursor, products, (unsent,))
 
     def _report(self):
+        """The counts, when they changed: open streams, those watching
+        every product and those watching each (at most one entry per
+        product of the store: `/events` refuses unknown ids)."""
+        hub = self.hub
         counts = json.dumps({
-            'open': self.hub.open_streams, 'cut_off': self.hub.cut_off,
-            'filters': [[None if f is None else sorted(f), n]
-                        for f, n in self.hub.filters().items()],
+            'open': hub.open_streams, 'cut_off': hub.cut_off,
+            'everyone': hub._everyone, 'watch': sorted(hub._watch.items()),
             'rss_bytes': own_rss()}).encode()
         if counts != self._last:
             self.channel.sendall(frame(b'c', counts))
