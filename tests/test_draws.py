@@ -474,8 +474,10 @@ def test_a_shopper_enters_changes_withdraws_and_learns_the_result(
     close_draw_now(node.db_url, 2)
     results = [card(page, 2).locator('.draw__result')
                for page in (alice, bob)]
-    for result in results:
-        expect(result).not_to_have_text('', timeout=10_000)
+    for result in results:   # a winner's order number comes a moment
+        expect(result).to_have_text(re.compile(   # after the result
+            r'^(Not this time|You won size .+ — order #\d+)$'),
+            timeout=10_000)
     texts = sorted(result.inner_text() for result in results)
     assert texts[0] == 'Not this time'
     won = re.fullmatch(rf'You won size {re.escape(size)} — order #(\d+)',
