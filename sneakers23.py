@@ -2536,9 +2536,11 @@ class FanOutProcess(EventHub):
     cut-offs and keep-alives) in a process of its own, so that sending
     to 10,000 sockets does not hold the GIL the purchases need (during a
     drop 52% of the node's time went to those sends). Its counts come
-    back every FAN_OUT_STATS_INTERVAL. A worker that dies is replaced:
-    its shoppers reconnect with `Last-Event-ID` and resume from the
-    node's ring.
+    back every FAN_OUT_STATS_INTERVAL. It starts with the first stream
+    (a node nobody watches costs no second process; the events before
+    that stream's opening are not needed by any stream). A worker that
+    dies is replaced: its shoppers reconnect with `Last-Event-ID` and
+    resume from the node's ring.
     """
 
     def __init__(self, inventory, buffer_size=SSE_BUFFER):
@@ -2552,8 +2554,8 @@ class FanOutProcess(EventHub):
         self._channel = self._proc = None
         self._open, self._cut_before = 0, 0
         self.restarts, self.rss_bytes = 0, None
-        self.loops = [Loop('fan-out-worker', self._tend),
-                      Loop('fan-out-feed', self._feed)]
+        self._tender = None   # the loop that runs the worker, once wanted
+        self.loops = [Loop('fan-out-feed', self._feed)]
 
     @property
     def open_streams(self):
@@ -2567,6 +2569,11 @@ class FanOutProcess(EventHub):
     def start(self):
         for loop in self.loops:
             loop.start()
+
+    def _want_worker(self):
+        if self._tender is None and not self._stopping.is_set():
+            self._tender = Loop('fan-out-worker', self._tend).start()
+            self.loops.append(self._tender)
 
     def stop(self):
         self._stopping.set()
@@ -2591,12 +2598,15 @@ class FanOutProcess(EventHub):
 
     def publish(self, name, product_id, data):
         super().publish(name, product_id, data)
+        if self._tender is None:
+            return   # no stream yet: no worker, and nobody needs it
         seq, pid, payload = self._ring[-1]
         self._post(frame(b'e', EVENT_HEAD.pack(
             seq, -1 if pid is None else pid) + payload))
 
     def adopt(self, sock, request):
         """Write the opening, then hand the socket to the worker."""
+        self._want_worker()
         cursor, opening = self.opening(*request)
         try:
             sent = sock.sendmsg((SSE_HEAD, opening))

@@ -222,15 +222,21 @@ def check_first_start(binary):
 
 
 def fan_out_worker(port):
-    """The pid of the node's fan-out worker, once it runs (the binary
-    starts it as a second process of itself)."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        fan_out = get_json(port, '/healthz')['fan_out']
-        check(fan_out['process'] == 'worker', f'fan_out: {fan_out}')
-        if fan_out['rss_bytes']:   # it reported: it runs
-            return fan_out['pid']
-        time.sleep(0.1)
+    """The pid of the node's fan-out worker, which the first stream
+    starts (the binary runs it as a second process of itself)."""
+    stream = http.client.HTTPConnection('127.0.0.1', port, timeout=20)
+    try:
+        stream.request('GET', '/events')
+        check(stream.getresponse().status == 200, '/events: not 200')
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            fan_out = get_json(port, '/healthz')['fan_out']
+            check(fan_out['process'] == 'worker', f'fan_out: {fan_out}')
+            if fan_out['rss_bytes']:   # it reported: it runs
+                return fan_out['pid']
+            time.sleep(0.1)
+    finally:
+        stream.close()
     raise SmokeError(f'no fan-out worker reported in 20 s: {fan_out}')
 
 

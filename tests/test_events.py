@@ -905,10 +905,11 @@ def holders(server_port, client_port):
 
 def test_streams_are_written_by_the_nodes_fan_out_worker(sqlite_node, sse):
     """After its opening a stream belongs to the node's fan-out worker, a
-    child process: it holds the socket, counts it for /healthz, and
-    writes it every event."""
+    child process the first stream starts: it holds the socket, counts
+    it for /healthz, and writes it every event."""
     node = sqlite_node
     node.release(1)
+    assert fan_out(node)['pid'] is None   # nobody watches yet
     client = sse(node.url, '/events?products=1')
     wait_until(lambda: streams(node) == 1, 5, 'the worker counts it')
     worker = fan_out(node)
@@ -980,10 +981,12 @@ def test_a_worker_out_of_file_descriptors_keeps_streams_paired(sqlite_node,
     node = sqlite_node
     node.release(1)
     node.release(2)
+    ones = [sse(node.url, '/events?products=1')]   # starts the worker
+    wait_until(lambda: streams(node) == 1, 5, 'the worker counts it')
     pid = fan_out(node)['pid']
     room = len(os.listdir(f'/proc/{pid}/fd')) + 8
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (room, room))
-    ones = [sse(node.url, '/events?products=1') for _ in range(12)]
+    ones += [sse(node.url, '/events?products=1') for _ in range(12)]
 
     def settled():
         closed = sum(c._reader.dead for c in ones)
