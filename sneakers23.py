@@ -483,16 +483,15 @@ def _wait_for_postgresql(conn, timeout=None):
     """
     import psycopg2
     from gevent.socket import wait_read, wait_write
+    ext = psycopg2.extensions
     while True:
         state = conn.poll()
-        if state == psycopg2.extensions.POLL_OK:
+        if state == ext.POLL_OK:
             return
-        ext = psycopg2.extensions
         stall = None if conn.status in (
             ext.STATUS_READY, ext.STATUS_BEGIN, ext.STATUS_PREPARED) \
             else PG_CONNECT_STALL   # still connecting
-        wait = wait_read if state == psycopg2.extensions.POLL_READ \
-            else wait_write
+        wait = wait_read if state == ext.POLL_READ else wait_write
         try:
             wait(conn.fileno(), timeout=stall)
         except TimeoutError:   # gevent's socket.timeout
@@ -2217,14 +2216,14 @@ class EventHub:
     def publish(self, name, product_id, data):
         """Encode an event once; the fan-out greenlet sends it (to every
         stream when `product_id` is None, else to those that want it)."""
-        self.seq += 1
-        payload = format_event(name, data, self.last_event_id)
-        self._ring.append((self.seq, product_id, payload))
+        seq = self.seq + 1
         self.published[name] += 1
-        self._dirty.set()
+        self.receive(seq, product_id,
+                     format_event(name, data, f'{self.epoch}-{seq}'))
 
     def receive(self, seq, product_id, payload):
-        """An event encoded elsewhere (by the node, for its worker)."""
+        """An encoded event into the ring (the node's worker receives the
+        node's events so), to be sent."""
         self.seq = seq
         self._ring.append((seq, product_id, payload))
         self._dirty.set()
@@ -2596,13 +2595,12 @@ class FanOutProcess(EventHub):
     def cut_stalled(self):
         """The worker cuts off its stalled streams itself."""
 
-    def publish(self, name, product_id, data):
-        super().publish(name, product_id, data)
+    def receive(self, seq, product_id, payload):
+        super().receive(seq, product_id, payload)
         if self._tender is None:
             return   # no stream yet: no worker, and nobody needs it
-        seq, pid, payload = self._ring[-1]
         self._post(frame(b'e', EVENT_HEAD.pack(
-            seq, -1 if pid is None else pid) + payload))
+            seq, -1 if product_id is None else product_id) + payload))
 
     def adopt(self, sock, request):
         """Write the opening, then hand the socket to the worker."""
@@ -2751,6 +2749,7 @@ class FanOutWorker:
         self.hub.rest_ratio = 0.0
         self._fds = deque()
         self._last = None
+        self._rss, self._rss_second = None, None
         self.loops = [Loop('fan-out-counts', self._report,
                            FAN_OUT_STATS_INTERVAL),
                       Loop('fan-out-stalls', self.hub.cut_stalled,
@@ -2807,10 +2806,13 @@ class FanOutWorker:
         every product and those watching each (at most one entry per
         product of the store: `/events` refuses unknown ids)."""
         hub = self.hub
+        second = int(time.monotonic())
+        if second != self._rss_second:   # /proc, read once a second
+            self._rss, self._rss_second = own_rss(), second
         counts = json.dumps({
             'open': hub.open_streams, 'cut_off': hub.cut_off,
             'everyone': hub._everyone, 'watch': sorted(hub._watch.items()),
-            'rss_bytes': own_rss()}).encode()
+            'rss_bytes': self._rss}).encode()
         if counts != self._last:
             self.channel.sendall(frame(b'c', counts))
             self._last = counts
