@@ -506,6 +506,20 @@ HTTP_LAYER = [
                                        b'0\r\n\r\n'), 400, 'bad_request'),
     ('chunk size -d', chunked_purchase(b'-d\r\n' + ITEM_BODY + b'\r\n'
                                        b'0\r\n\r\n'), 400, 'bad_request'),
+    # RFC 9112: a space before the colon and a folded line are 400s (a
+    # proxy may read the field otherwise).
+    ('space before the colon', purchase_with_length(b'13')
+     .replace(b'Content-Length:', b'Content-Length :'), 400, 'bad_request'),
+    ('folded header line', post_raw('/api/purchase', [
+        b'Content-Type: application/json', b'Content-Length:', b' 13'],
+        ITEM_BODY), 400, 'bad_request'),
+    ('101 header fields', post_raw('/api/purchase', [
+        b'Content-Type: application/json', b'Content-Length: 13',
+        *[b"X-Pad: %d" % n for n in range(97)]], ITEM_BODY), 400,
+     'bad_request'),
+    ('header line of 70 KB', post_raw('/api/purchase', [
+        b'Content-Type: application/json', b'Content-Length: 13',
+        b'X-Pad: ' + b'x' * 70_000], ITEM_BODY), 400, 'bad_request'),
 ]
 
 
@@ -830,7 +844,12 @@ def test_forwarded_for_is_believed_only_from_proxies(start_node, sqlite_url):
     assert buy('10.0.0.2')[0] == 201          # another client behind it
     assert buy('10.0.0.1, 10.0.0.3')[0] == 201  # the right-most decides
     assert too_many_requests(buy('10.0.0.3')) is None
-    assert orders_of(node.db_url, 1) == 3
+    # X_Forwarded_For is not X-Forwarded-For (both are HTTP_X_FORWARDED_FOR
+    # to WSGI): the proxy's own first pair, not 10.0.0.1's second.
+    underscored = node.post('/api/purchase', {'item_id': ITEM},
+                            headers={'X_Forwarded_For': '10.0.0.1'})
+    assert underscored[0] == 201, underscored
+    assert orders_of(node.db_url, 1) == 4
 
 
 def test_wrong_admin_tokens_lock_out_the_ip(app_server):
