@@ -142,6 +142,7 @@ SSE_STALL_TIMEOUT = 30.0
 SSE_FAN_OUT_SLICE = 1000
 SSE_SEND_SLICE = 64         # streams a sender takes at a time (fan-out)
 SSE_THREAD_FROM = 2000
+SSE_WORKER_PASS = 2500     # streams per pass of the worker's fan-out
 # After a fan-out round that took T, the next waits until T * ratio has
 # passed (at most SSE_REST_MAX): under a storm of changes the events of
 # that time go out together, and purchases get the hub meanwhile.
@@ -2155,6 +2156,7 @@ class EventHub:
         self._rest_until = 0.0
         self._openings = {}   # (seq, cursor, products) -> shared bytes
         self.rest_ratio = SSE_REST_RATIO
+        self.pass_size = None   # streams per pass; None: all in one
         self.published = Counter()   # events by name
         self.loops = [Loop(name, self._fan_out_next)]
 
@@ -2324,17 +2326,31 @@ class EventHub:
                                                   SSE_REST_MAX)
 
     def _fan_out(self):
-        """Send every stream the events after its cursor.
+        """Send every stream the events after its cursor, in passes of
+        `pass_size` streams (default: one pass).
 
-        The hot loop of a drop: streams at the same cursor with the same
-        filter share one bytes object, and a send the kernel takes whole
-        (the usual case) costs one syscall and nothing else. A cursor
-        moves once its bytes were handed over (sent or pending), so a
-        failure half-way resends rather than skips.
+        Between passes the hub takes the events that came meanwhile, and
+        the next passes send them too: in a drop's storm an event no
+        longer waits for the whole round in progress, then a round of
+        its own (about two rounds at p99), only for the streams already
+        done (the fan-out worker, which has no purchases to yield to).
         """
+        streams = list(self._streams)
+        size = self.pass_size or len(streams) or 1
+        for start in range(0, len(streams), size):
+            if start:
+                gevent.idle()   # the channel's frames, closed streams
+            self._fan_out_pass(streams[start:start + size])
+
+    def _fan_out_pass(self, streams):
+        """The hot loop of a drop: streams at the same cursor with the
+        same filter share one bytes object, and a send the kernel takes
+        whole (the usual case) costs one syscall and nothing else. A
+        cursor moves once its bytes were handed over (sent or pending),
+        so a failure half-way resends rather than skips."""
         target, chunks, direct = self.seq, {}, []
-        for stream in list(self._streams):
-            if stream.cursor >= target:
+        for stream in streams:
+            if stream.cursor >= target or stream not in self._streams:
                 continue
             key = (stream.cursor, stream.products)
             if key not in chunks:
@@ -2748,6 +2764,7 @@ class FanOutWorker:
         # purchases between rounds (the events of a round's time go out
         # together in the next one all the same).
         self.hub.rest_ratio = 0.0
+        self.hub.pass_size = SSE_WORKER_PASS
         self._fds = deque()
         self._last = None
         self._rss, self._rss_second = None, None
