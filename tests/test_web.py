@@ -517,6 +517,9 @@ HTTP_LAYER = [
         b'Content-Type: application/json', b'Content-Length: 13',
         *[b"X-Pad: %d" % n for n in range(97)]], ITEM_BODY), 400,
      'bad_request'),
+    ('CR inside a header value', post_raw('/api/purchase', [
+        b'Content-Type: application/json', b'Content-Length: 13',
+        b'X-Note: a\rb'], ITEM_BODY), 400, 'bad_request'),
     ('header line of 70 KB', post_raw('/api/purchase', [
         b'Content-Type: application/json', b'Content-Length: 13',
         b'X-Pad: ' + b'x' * 70_000], ITEM_BODY), 400, 'bad_request'),
