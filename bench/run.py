@@ -1222,6 +1222,12 @@ def iso_at(wall_ns):
     return moment.isoformat(timespec='milliseconds').replace('+00:00', 'Z')
 
 
+def share(total, parts, n):
+    """Part n of `total` split over `parts` as evenly as whole numbers go
+    (10,000 over 3 nodes: 3,334 + 3,333 + 3,333)."""
+    return total // parts + (n < total % parts)
+
+
 def drop_once(ctx, label, watchers, buyers, only_item=False, nodes=1):
     """One drop on fresh nodes (one on SQLite, or three of one peers.toml
     on PostgreSQL): `watchers` streams of the product, its release
@@ -1235,10 +1241,11 @@ def drop_once(ctx, label, watchers, buyers, only_item=False, nodes=1):
     try:
         product = products(started[0]['port'])[0]
         item_ids = [i['id'] for i in product['items']]
-        for node in started:
+        for n, node in enumerate(started):
             clients.append(start_drop_client(
-                ctx, label, node, product['id'], watchers // nodes,
-                buyers // nodes, item_ids[:1] if only_item else item_ids))
+                ctx, label, node, product['id'], share(watchers, nodes, n),
+                share(buyers, nodes, n),
+                item_ids[:1] if only_item else item_ids))
         time.sleep(1.0)
         profiler = start_profile(ctx, label, started[0]['proc'])
         try:
