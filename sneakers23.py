@@ -20,7 +20,6 @@ import argparse
 import csv
 import ctypes
 import ctypes.util
-import email.utils
 import gc
 import hashlib
 import hmac
@@ -59,7 +58,7 @@ import peewee
 import prometheus_client
 import prometheus_client.metrics_core
 import zmq.green as zmq
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer, format_date_time
 from peewee import (
     BooleanField,
     CharField,
@@ -4329,11 +4328,6 @@ class RequestHeaders:
         return self.get('content-type')
 
 
-def http_date(now):
-    """The Date header's value for the second `now` falls in."""
-    return email.utils.formatdate(int(now), usegmt=True).encode()
-
-
 class Handler(WSGIHandler):
     """pywsgi's handler, which gives an accepted SSE request to the hub.
 
@@ -4410,7 +4404,7 @@ class Handler(WSGIHandler):
         if self.provided_date is None:
             now = int(time.time())
             if Handler._date[0] != now:
-                Handler._date = (now, http_date(now))
+                Handler._date = (now, format_date_time(now))
             self.provided_date = Handler._date[1]
             self.response_headers.append((b'Date', self.provided_date))
         super().finalize_headers()
