@@ -516,23 +516,24 @@ def test_stalled_database_answers_503_and_commits_no_503(private_pg,
 
 def test_a_commit_whose_answer_is_lost_says_the_outcome_is_unknown(
         private_pg, app_server, monkeypatch):
-    """The database stops answering right after the node sent COMMIT: the
-    buyer hears `503 outcome_unknown` (not a guess) by the deadline. The
-    late COMMIT is then refused by the database (the deadline trigger), so
-    the shopper's retry buys the pair."""
+    """The database stops answering as the node sends the purchases'
+    statement, which commits by itself (place_orders_at_once): the buyer
+    hears `503 outcome_unknown` (not a guess) by the deadline. When the
+    database wakes up, the late statement's COMMIT is refused (the
+    deadline trigger), so the shopper's retry buys the pair."""
     monkeypatch.setattr(sneakers23, 'DB_DEADLINE', 1.0)
     server = app_server(db_url=private_pg.url)
-    place_orders = sneakers23.place_orders
+    place_orders_at_once = sneakers23.place_orders_at_once
     stall = []
 
-    def place_then_stall(purchases, node):
-        outcomes = place_orders(purchases, node)
-        if purchases and not stall:
+    def stall_then_place(purchases, node, deadline):
+        if not stall:
             stall.append(True)
-            private_pg.pause()   # COMMIT goes out next, to no one
-        return outcomes
+            private_pg.pause()   # the statement goes out to no one
+        return place_orders_at_once(purchases, node, deadline)
 
-    monkeypatch.setattr(sneakers23, 'place_orders', place_then_stall)
+    monkeypatch.setattr(sneakers23, 'place_orders_at_once',
+                        stall_then_place)
     call(server.url, 'POST', '/admin/api/products/1/release', {},
          headers=admin_headers())
     products = call(server.url, 'GET', '/api/products')[2]

@@ -16,6 +16,7 @@ from sneakers23 import (
     Purchase,
     db,
     place_orders,
+    place_orders_at_once,
 )
 
 
@@ -27,6 +28,27 @@ def database(db_url):
     with database.connection_context():
         sneakers23.seed(sneakers23.CATALOG_PATH)
         yield database
+    if hasattr(database, 'close_all'):
+        database.close_all()
+
+
+@pytest.fixture(params=['sqlite', 'postgres', 'postgres-one-statement'])
+def place(request, tmp_path):
+    """A fresh, seeded database and the way the node sells a batch there:
+    statement by statement in a transaction (place_orders), or on
+    PostgreSQL as one autocommitted statement (place_orders_at_once)."""
+    url = (f'sqlite:///{tmp_path}/store.db' if request.param == 'sqlite'
+           else fresh_postgres())
+    database = sneakers23.open_database(url)
+    db.initialize(database)
+    with database.connection_context():
+        sneakers23.seed(sneakers23.CATALOG_PATH)
+        if request.param.endswith('one-statement'):
+            sneakers23.install_deadline_trigger()
+            yield lambda batch, node: place_orders_at_once(
+                batch, node, sneakers23.time.monotonic() + 5)
+        else:
+            yield place_orders
     if hasattr(database, 'close_all'):
         database.close_all()
 
@@ -47,13 +69,13 @@ def test_seed_writes_every_size_of_every_product(database):
     assert sneakers23.seed(sneakers23.CATALOG_PATH) == 0  # already seeded
 
 
-def test_batch_sells_until_zero_and_never_below(database):
+def test_batch_sells_until_zero_and_never_below(place):
     item = Item.get(Item.sku == 'SHU6000-12')
     Availability.update(count=3).where(Availability.item == item).execute()
     batch = [Purchase(item.id, item.product_id, f'shopper-{n}')
              for n in range(5)]
 
-    outcomes = place_orders(batch, 'a')
+    outcomes = place(batch, 'a')
 
     assert [type(o).__name__ for o in outcomes[:3]] == ['Placed'] * 3
     assert outcomes[3:] == [SOLD_OUT, SOLD_OUT]
@@ -63,7 +85,7 @@ def test_batch_sells_until_zero_and_never_below(database):
     assert Order.select().where(Order.item == item).count() == 3
 
 
-def test_second_pair_of_a_product_rolls_back_only_itself(database):
+def test_second_pair_of_a_product_rolls_back_only_itself(place):
     first, second = (Item.select().join(Availability)
                      .where((Item.product == 1) & (Availability.count > 1))
                      .order_by(Item.id).limit(2))
@@ -72,7 +94,7 @@ def test_second_pair_of_a_product_rolls_back_only_itself(database):
              Purchase(second.id, 1, 'same-shopper'),
              Purchase(second.id, 1, 'another-shopper')]
 
-    outcomes = place_orders(batch, 'a')
+    outcomes = place(batch, 'a')
 
     assert isinstance(outcomes[0], Placed)
     assert outcomes[1] == ALREADY_PURCHASED
@@ -107,18 +129,18 @@ def test_release_is_recorded_once(database):
     assert product.released and product.release_at == at
 
 
-def test_a_refused_buyer_leaves_the_pair_to_the_next(database):
+def test_a_refused_buyer_leaves_the_pair_to_the_next(place):
     item = Item.get(Item.sku == 'SHU6000-12')
     other = Item.get(Item.sku == 'SHU6000-11')
     Availability.update(count=2).where(Availability.item == item).execute()
-    place_orders([Purchase(other.id, 1, 'has-one')], 'a')
+    place([Purchase(other.id, 1, 'has-one')], 'a')
     batch = [Purchase(item.id, 1, 'has-one'),     # already has a pair
              Purchase(item.id, 1, 'twice'),
              Purchase(item.id, 1, 'twice'),       # same batch, same shopper
              Purchase(item.id, 1, 'third'),
              Purchase(item.id, 1, 'fourth')]      # nothing left for them
 
-    outcomes = place_orders(batch, 'a')
+    outcomes = place(batch, 'a')
 
     assert outcomes[0] == ALREADY_PURCHASED
     assert isinstance(outcomes[1], Placed)
@@ -182,6 +204,32 @@ def test_a_late_commit_is_refused_by_the_postgres_trigger(pg_database):
         sneakers23.set_commit_deadline(sneakers23.time.monotonic() + 5)
         Availability.take(item.id, 1)
     assert stock(item.id) == before - 1
+
+
+def test_one_statement_past_its_deadline_commits_nothing(pg_database,
+                                                         monkeypatch):
+    """The purchases' one statement commits on the server as it ends:
+    the deadline trigger refuses that COMMIT too once the moment the
+    node set has passed."""
+    sneakers23.install_deadline_trigger()
+    item = Item.get(Item.sku == 'SHU6000-10')
+    Availability.update(count=5).where(Availability.item == item).execute()
+    before = stock(item.id)
+    past = sneakers23.datetime.now(sneakers23.UTC).isoformat()
+    monkeypatch.setattr(sneakers23, 'wall_moment', lambda deadline: past)
+    with pytest.raises(sneakers23.DatabaseError, match='deadline passed'):
+        place_orders_at_once([Purchase(item.id, item.product_id, 'late')],
+                             'a', sneakers23.time.monotonic() + 5)
+    assert not db.in_transaction()
+    assert stock(item.id) == before
+    assert not Order.select().where(Order.shopper == 'late').exists()
+
+    monkeypatch.undo()
+    outcomes = place_orders_at_once(
+        [Purchase(item.id, item.product_id, 'in-time')], 'a',
+        sneakers23.time.monotonic() + 5)
+    assert isinstance(outcomes[0], Placed)
+    assert (outcomes[0].count, stock(item.id)) == (before - 1, before - 1)
 
 
 def test_prepared_queries_follow_the_database_in_use(pg_database,
