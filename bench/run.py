@@ -615,12 +615,24 @@ def bench_sse(ctx):
                        [i for _, i, _ in chosen])
     finally:
         ctx.procs.stop(bproc)
-    ctx.results['sse'] = {'sneakers23': ours, 'baseline': base}
+    # The machine's share: bare sends of the same bytes, same client.
+    fproc = ctx.procs.start([PY, os.path.join(HERE, 'floor_sse.py'),
+                             '--port', str(fport := free_port())],
+                            'floor-sse')
+    try:
+        wait_ready(ctx.procs, fproc, fport)
+        floor = fan_out(ctx, 'floor', fproc, fport,
+                        [i for _, i, _ in chosen])
+    finally:
+        ctx.procs.stop(fproc)
+    ctx.results['sse'] = {'sneakers23': ours, 'baseline': base,
+                          'floor': floor}
     if set(ours['statuses']) != {201}:
         ctx.note(f'sse: trigger purchases answered {ours["statuses"]}')
     if any(c != 149 for c in ours['items_after'].values()):
         ctx.note(f'sse: items after the rounds: {ours["items_after"]}')
-    for r, label in ((ours, 'sneakers23'), (base, 'baseline')):
+    for r, label in ((ours, 'sneakers23'), (base, 'baseline'),
+                     (floor, 'floor')):
         if r['received'] != r['expected'] or r['connect_failed']:
             ctx.note(f'sse {label}: {r["received"]} of {r["expected"]} '
                      f'deliveries, {r["connect_failed"]} streams failed '
@@ -634,12 +646,16 @@ def bench_sse(ctx):
             higher_is_better=False, target_value=100)
     ctx.row(f'  last of {n} streams (median of {s.rounds} rounds)',
             ours['last_stream_ms'], base['last_stream_ms'], 'ms', cpu=cpu)
+    ctx.row(f'  p99 against the floor: bare sends (floor_sse.py) to {n}',
+            ours['p99_ms'], floor['p99_ms'], 'ms',
+            cpu=cpu_text(ours['client_cpu'], floor['client_cpu']))
     ctx.row('memory per open SSE stream', ours['kb_per_stream'],
             base['kb_per_stream'], 'KB', '<= 12 KB',
             higher_is_better=False, target_value=12)
     ctx.note(f'sse: C client CPU while triggering and receiving '
              f'{ours["client_cpu_rounds"]:.2f} s (sneakers23) / '
-             f'{base["client_cpu_rounds"]:.2f} s (baseline); the totals '
+             f'{base["client_cpu_rounds"]:.2f} s (baseline) / '
+             f'{floor["client_cpu_rounds"]:.2f} s (floor); the totals '
              'in the table include opening the streams')
 
 
