@@ -316,7 +316,8 @@ def busy_between(samples, start_ns, end_ns):
     inside = [s for s in samples if start_ns <= s[0] <= end_ns]
     if len(inside) < 2 or inside[-1][1] == inside[0][1]:
         return None
-    return 100 * (inside[-1][2] - inside[0][2]) / (inside[-1][1] - inside[0][1])
+    (_, all0, busy0), (_, all1, busy1) = inside[0], inside[-1]
+    return 100 * (busy1 - busy0) / (all1 - all0)
 
 
 def pressure():
