@@ -605,6 +605,18 @@ def fan_out(ctx, name, proc, port, items):
             'cpu_rounds_ms', 0) / 1000}
 
 
+def fan_out_script(ctx, name, script, items):
+    """fan_out on another SSE server of bench/ (`script --port P`)."""
+    proc = ctx.procs.start([PY, os.path.join(HERE, script),
+                            '--port', str(port := free_port())],
+                           f'{name}-sse')
+    try:
+        wait_ready(ctx.procs, proc, port)
+        return fan_out(ctx, name, proc, port, items)
+    finally:
+        ctx.procs.stop(proc)
+
+
 def bench_sse(ctx):
     s = ctx.settings
     say(f'sse: one stock_change to {s.streams:,} streams, {s.rounds} '
@@ -624,25 +636,10 @@ def bench_sse(ctx):
         ours['items_after'] = {i: counts[i] for _, i, _ in chosen}
     finally:
         ctx.procs.stop(proc)
-    bproc = ctx.procs.start([PY, os.path.join(HERE, 'baseline_sse.py'),
-                             '--port', str(bport := free_port())],
-                            'baseline-sse')
-    try:
-        wait_ready(ctx.procs, bproc, bport)
-        base = fan_out(ctx, 'baseline', bproc, bport,
-                       [i for _, i, _ in chosen])
-    finally:
-        ctx.procs.stop(bproc)
+    items = [i for _, i, _ in chosen]
+    base = fan_out_script(ctx, 'baseline', 'baseline_sse.py', items)
     # The machine's share: bare sends of the same bytes, same client.
-    fproc = ctx.procs.start([PY, os.path.join(HERE, 'floor_sse.py'),
-                             '--port', str(fport := free_port())],
-                            'floor-sse')
-    try:
-        wait_ready(ctx.procs, fproc, fport)
-        floor = fan_out(ctx, 'floor', fproc, fport,
-                        [i for _, i, _ in chosen])
-    finally:
-        ctx.procs.stop(fproc)
+    floor = fan_out_script(ctx, 'floor', 'floor_sse.py', items)
     ctx.results['sse'] = {'sneakers23': ours, 'baseline': base,
                           'floor': floor}
     if set(ours['statuses']) != {201}:
