@@ -176,6 +176,29 @@ def test_a_batch_past_its_deadline_commits_nothing(database):
     assert not Order.select().where(Order.shopper == 'late-shopper').exists()
 
 
+def test_a_write_that_fails_is_rolled_back_alone(database):
+    """One write of a batch fails in the database: it alone is undone and
+    answered with its error; the writes and purchases beside it commit."""
+    item = Item.get(Item.sku == 'SHU6000-9')
+    Availability.update(count=5).where(Availability.item == item).execute()
+
+    def restock_then_fail():
+        Availability.add(item.id, 100)   # undone with the failure
+        db.execute_sql('INSERT INTO no_such_table VALUES (1)')
+
+    writes = [sneakers23.Write(restock_then_fail, ()),
+              sneakers23.Write(Availability.add, (item.id, 2))]
+    purchases = [Purchase(item.id, item.product_id, 'beside-a-failure')]
+    done, outcomes = sneakers23.commit_batch(
+        purchases, writes, 'a', sneakers23.time.monotonic() + 5)
+
+    assert isinstance(done[0], sneakers23.DatabaseError)
+    assert done[1][0] == 7
+    assert isinstance(outcomes[0], Placed) and outcomes[0].count == 6
+    assert stock(item.id) == 6
+    assert Order.select().where(Order.shopper == 'beside-a-failure').exists()
+
+
 @pytest.fixture
 def pg_database():
     """The models bound to a fresh, seeded PostgreSQL database."""
