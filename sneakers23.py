@@ -17,8 +17,8 @@ monkey.patch_all()
 
 import _socket
 import argparse
-import csv
 import contextlib
+import csv
 import ctypes
 import ctypes.util
 import gc
