@@ -320,6 +320,32 @@ def busy_between(samples, start_ns, end_ns):
     return 100 * (busy1 - busy0) / (all1 - all0)
 
 
+def run_queue_ns(pids):
+    """{pid: ns its main thread has spent runnable but waiting for a core}
+    (/proc/PID/schedstat, the second field); a pid gone is left out."""
+    found = {}
+    for pid in pids:
+        try:
+            with open(f'/proc/{pid}/schedstat') as f:
+                found[pid] = int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+def waited_between(samples, start_ns, end_ns):
+    """The largest share (%) of the time between two moments that a
+    node's main thread spent waiting for a core, from samples of
+    (monotonic ns, run_queue_ns()): the widest pair inside, else None."""
+    inside = [s for s in samples if start_ns <= s[0] <= end_ns]
+    if len(inside) < 2:
+        return None
+    (t0, waits0), (t1, waits1) = inside[0], inside[-1]
+    shares = [100 * (waits1[pid] - waits0[pid]) / (t1 - t0)
+              for pid in waits1 if pid in waits0]
+    return max(shares) if shares else None
+
+
 def pressure():
     """avg10 of /proc/pressure/{cpu,memory} (some), when there."""
     found = {}
@@ -1285,7 +1311,8 @@ def drop_once(ctx, label, watchers, buyers, only_item=False, nodes=1):
             for client in clients:
                 client['proc'].stdin.write(b'go\n')
                 client['proc'].stdin.flush()
-            hub_lag, ticks = watch_nodes(started, clients, release_mono)
+            hub_lag, ticks, waits = watch_nodes(started, clients,
+                                                release_mono)
             for client in clients:
                 client['done'] = parse_fields(
                     client['proc'].stdout.readline().decode())
@@ -1307,9 +1334,10 @@ def drop_once(ctx, label, watchers, buyers, only_item=False, nodes=1):
             client['published'] = published_events(client['node']['port'])
         result.update(analyse_drop(clients, release_mono, db, s.drop_pairs))
         if result.get('sell_out_s') and result.get('buy_start_ns'):
-            result['busy_pct'] = busy_between(
-                ticks, result['buy_start_ns'],
-                result['buy_start_ns'] + result['sell_out_s'] * 1e9)
+            window = (result['buy_start_ns'],
+                      result['buy_start_ns'] + result['sell_out_s'] * 1e9)
+            result['busy_pct'] = busy_between(ticks, *window)
+            result['waited_pct'] = waited_between(waits, *window)
         result['unequal_nodes'] = nodes_unequal(started, db)
     finally:
         for node in started:
@@ -1448,16 +1476,21 @@ def schedule_drop(ctx, port, product_id, watchers):
 
 
 def watch_nodes(started, clients, release_mono):
-    """While the drop runs: the worst hub lag any node reports (ms).
+    """While the drop runs: (the worst hub lag any node reports (ms),
+    samples of the machine's CPU ticks, samples of how long each node's
+    main thread has waited for a core).
 
     Each node's worst lateness over the last second, polled every
     0.25 s from one second after the release until the clients are done,
     and once more then: every moment of the drop is covered, and none of
     the seconds before it (10,000 watchers connecting are not the drop).
+    The samples are taken every 0.25 s from the release on.
     """
-    worst, done, ticks = 0.0, False, []
+    worst, done, ticks, waits = 0.0, False, [], []
+    pids = [node['proc'].pid for node in started]
     while not done:
         ticks.append((time.monotonic_ns(), *cpu_busy_ticks()))
+        waits.append((time.monotonic_ns(), run_queue_ns(pids)))
         waiting = [c['proc'].stdout for c in clients if 'said' not in c]
         for ready in select.select(waiting, [], [], 0.25)[0]:
             next(c for c in clients if c['proc'].stdout is ready)['said'] = 1
@@ -1472,7 +1505,7 @@ def watch_nodes(started, clients, release_mono):
                 worst = max(worst, health['hub_lag_ms']['max_1s'])
             except (OSError, KeyError, ValueError):
                 pass
-    return worst, ticks
+    return worst, ticks, waits
 
 
 def published_events(port):
@@ -1717,6 +1750,8 @@ def bench_drop(ctx):
             higher_is_better=False, target_value=50)
     ctx.row('drop: machine CPU busy while selling (all processes)',
             drop.get('busy_pct'), alone_buy.get('busy_pct'), '%')
+    ctx.row("drop: node's main thread waiting for a core while selling",
+            drop.get('waited_pct'), alone_buy.get('waited_pct'), '%')
     ctx.row('drop: peak RSS of the node', drop['peak_rss_kb'] / 1024,
             alone_watch['peak_rss_kb'] / 1024, 'MB')
     for r in (alone_buy, drop):
