@@ -1484,7 +1484,7 @@ def watch_nodes(started, clients, release_mono):
     0.25 s from one second after the release until the clients are done,
     and once more then: every moment of the drop is covered, and none of
     the seconds before it (10,000 watchers connecting are not the drop).
-    The samples are taken every 0.25 s from the release on.
+    The samples are taken every 0.25 s all along.
     """
     worst, done, ticks, waits = 0.0, False, [], []
     pids = [node['proc'].pid for node in started]
