@@ -5630,23 +5630,33 @@ class RandomSeller:
         self.until_gone, self.out = until_gone, out
         self.sold = self.sold_out = self.failed = 0
         self.stock = {}
+        self.interrupted = False
         self._next_slot = time.monotonic()
         self._done = gevent.event.Event()
+        self._workers = []
 
     def run(self):
-        """Sell until the stock is gone (or forever); returns pairs sold."""
+        """Sell until the stock is gone (or forever, or `stop()`); returns
+        pairs sold."""
         self.refresh(NodeClient(self.url))
         started = time.monotonic()
-        workers = [gevent.spawn(self._shop) for _ in range(self.shoppers)]
+        self._workers = [gevent.spawn(self._shop)
+                         for _ in range(self.shoppers)]
         reporter = gevent.spawn(self._report_progress)
         try:
-            gevent.joinall(workers, raise_error=True)
+            gevent.joinall(self._workers, raise_error=True)
         finally:
-            gevent.killall(workers + [reporter])
+            gevent.killall(self._workers + [reporter])
         elapsed = time.monotonic() - started
         print(f'sold {self.sold} pairs in {elapsed:.1f} s; '
               f'{self.left()} left', file=self.out, flush=True)
         return self.sold
+
+    def stop(self):
+        """Stop shopping now (Ctrl-C): `run()` then returns."""
+        self.interrupted = True
+        self._done.set()
+        gevent.killall(self._workers, block=False)
 
     def left(self):
         return sum(self.stock.values())
@@ -5715,9 +5725,15 @@ def sell_random_command(args):
         raise ConfigError('--shoppers must be >= 1 and --rate >= 0')
     seller = RandomSeller(args.url, args.shoppers, args.rate,
                           args.until_gone)
+    # Ctrl-C as an event, not a KeyboardInterrupt raised in whichever
+    # greenlet runs when it comes: once in a while the seller then hung
+    # in its clean-up and never said what it had sold.
+    ctrl_c = gevent.signal_handler(signal.SIGINT, seller.stop)
     try:
         seller.run()
-    except KeyboardInterrupt:
+    finally:
+        ctrl_c.cancel()
+    if seller.interrupted:
         print(f'interrupted after selling {seller.sold} pairs',
               file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@
 import csv
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -86,6 +87,40 @@ def test_seed_then_sell_random_until_gone(db_url, small_catalog,
         [0] * 26
     assert sum(i['count'] for i in products[2]['items']) == 5
     assert db_rows(db_url, 'SELECT COUNT(*) FROM orders') == [(stock_in,)]
+
+
+def test_ctrl_c_stops_sell_random_and_says_what_it_sold(sqlite_node,
+                                                       sqlite_url):
+    """Ctrl-C (SIGINT) while it sells: the seller stops within seconds,
+    exits 0 and says how many pairs it sold, and the database holds those
+    pairs (and at most one more per shopper, bought as it stopped)."""
+    sqlite_node.release(2)
+    orders = db_rows(sqlite_url, 'SELECT COUNT(*) FROM orders')[0][0]
+    for progress_lines in (1, 2, 3):
+        seller = subprocess.Popen(
+            [sys.executable, SCRIPT, 'sell-random', '--rate', '200',
+             '--shoppers', '4', '--url', sqlite_node.url],
+            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, 'SNEAKERS23_ADMIN_TOKEN': TOKEN})
+        try:
+            seen = 0
+            while seen < progress_lines:
+                line = seller.stderr.readline()
+                assert line, 'the seller ended by itself'
+                seen += line.startswith('sold ') and ' left · ' in line
+            seller.send_signal(signal.SIGINT)
+            _, said = seller.communicate(timeout=15)
+        finally:
+            seller.kill()
+        assert seller.returncode == 0, said
+        assert 'Traceback' not in said
+        stopped = re.search(r'interrupted after selling (\d+) pairs', said)
+        assert stopped, said
+        now = db_rows(sqlite_url, 'SELECT COUNT(*) FROM orders')[0][0]
+        sold = int(stopped.group(1))
+        assert sold > 0
+        assert sold <= now - orders <= sold + 4
+        orders = now
 
 
 def test_sell_random_at_a_rate_ends_with_its_summary(sqlite_url,
