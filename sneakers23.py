@@ -5726,8 +5726,8 @@ def sell_random_command(args):
     seller = RandomSeller(args.url, args.shoppers, args.rate,
                           args.until_gone)
     # Ctrl-C as an event, not a KeyboardInterrupt raised in whichever
-    # greenlet runs when it comes: once in a while the seller then hung
-    # in its clean-up and never said what it had sold.
+    # greenlet runs when it comes: once (a CI run) the seller then said
+    # nothing more and had not exited 10 s later.
     ctrl_c = gevent.signal_handler(signal.SIGINT, seller.stop)
     try:
         seller.run()
