@@ -5633,11 +5633,12 @@ class RandomSeller:
         self.interrupted = False
         self._next_slot = time.monotonic()
         self._done = gevent.event.Event()
-        self._workers = []
+        self._workers, self._running = [], None
 
     def run(self):
         """Sell until the stock is gone (or forever, or `stop()`); returns
         pairs sold."""
+        self._running = gevent.getcurrent()
         self.refresh(NodeClient(self.url))
         started = time.monotonic()
         self._workers = [gevent.spawn(self._shop)
@@ -5653,10 +5654,15 @@ class RandomSeller:
         return self.sold
 
     def stop(self):
-        """Stop shopping now (Ctrl-C): `run()` then returns."""
+        """Stop shopping now (Ctrl-C): `run()` returns, or, still asking
+        for the stock before any shopper started, raises
+        KeyboardInterrupt."""
         self.interrupted = True
         self._done.set()
-        gevent.killall(self._workers, block=False)
+        if self._workers:
+            gevent.killall(self._workers, block=False)
+        elif self._running is not None:
+            gevent.kill(self._running, KeyboardInterrupt)
 
     def left(self):
         return sum(self.stock.values())
@@ -5731,6 +5737,8 @@ def sell_random_command(args):
     ctrl_c = gevent.signal_handler(signal.SIGINT, seller.stop)
     try:
         seller.run()
+    except KeyboardInterrupt:
+        pass   # before any shopper started
     finally:
         ctrl_c.cancel()
     if seller.interrupted:
