@@ -4,6 +4,7 @@ import csv
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,6 +122,28 @@ def test_ctrl_c_stops_sell_random_and_says_what_it_sold(sqlite_node,
         assert sold > 0
         assert sold <= now - orders <= sold + 4
         orders = now
+
+
+def test_ctrl_c_while_sell_random_waits_for_a_silent_node():
+    """Ctrl-C before any shopper started, while the first request hangs
+    on a node that accepted and never answers: it ends at once."""
+    silent = socket.create_server(('127.0.0.1', 0))
+    port = silent.getsockname()[1]
+    seller = subprocess.Popen(
+        [sys.executable, SCRIPT, 'sell-random', '--url',
+         f'http://127.0.0.1:{port}'],
+        stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        silent.settimeout(30)
+        conn, _ = silent.accept()   # its handler is in place by now
+        seller.send_signal(signal.SIGINT)
+        _, said = seller.communicate(timeout=15)
+        conn.close()
+    finally:
+        seller.kill()
+        silent.close()
+    assert seller.returncode == 0, said
+    assert said.strip() == 'interrupted after selling 0 pairs'
 
 
 def test_sell_random_at_a_rate_ends_with_its_summary(sqlite_url,
