@@ -232,14 +232,10 @@ def cpu_seconds(pid):
 
 def cpu_busy(seconds=1.0):
     """Share of all CPUs busy over `seconds`, whoever the work is for."""
-    def sample():
-        with open('/proc/stat') as f:
-            ticks = [int(x) for x in f.readline().split()[1:9]]
-        return sum(ticks), ticks[3] + ticks[4]
-    total, idle = sample()
+    total, busy = cpu_busy_ticks()
     time.sleep(seconds)
-    total2, idle2 = sample()
-    return 1 - (idle2 - idle) / max(1, total2 - total)
+    total2, busy2 = cpu_busy_ticks()
+    return (busy2 - busy) / max(1, total2 - total)
 
 
 def wait_quiet(ctx, name):
@@ -296,27 +292,32 @@ class ForeignCpu:
 
 
 def cpu_ticks():
-    """(all ticks, steal ticks) of the machine so far, from /proc/stat."""
+    """The machine's CPU ticks so far, from /proc/stat: user, nice,
+    system, idle, iowait, irq, softirq, steal."""
     with open('/proc/stat') as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]
-    return sum(ticks), ticks[7]
+        return [int(x) for x in f.readline().split()[1:9]]
 
 
 def cpu_busy_ticks():
-    """(all ticks, busy ticks: neither idle nor iowait) from /proc/stat."""
-    with open('/proc/stat') as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]
+    """(all ticks, busy ticks: neither idle nor iowait) so far."""
+    ticks = cpu_ticks()
     return sum(ticks), sum(ticks) - ticks[3] - ticks[4]
+
+
+def widest_inside(samples, start_ns, end_ns):
+    """The first and last of the samples (monotonic ns first) taken
+    between two moments, or None when fewer than two were."""
+    inside = [s for s in samples if start_ns <= s[0] <= end_ns]
+    return (inside[0], inside[-1]) if len(inside) >= 2 else None
 
 
 def busy_between(samples, start_ns, end_ns):
     """The machine's busy share (%) between two moments, from samples of
-    (monotonic ns, all ticks, busy ticks): the widest pair of samples
-    inside [start_ns, end_ns], else None."""
-    inside = [s for s in samples if start_ns <= s[0] <= end_ns]
-    if len(inside) < 2 or inside[-1][1] == inside[0][1]:
+    (monotonic ns, all ticks, busy ticks), else None."""
+    pair = widest_inside(samples, start_ns, end_ns)
+    if pair is None or pair[1][1] == pair[0][1]:
         return None
-    (_, all0, busy0), (_, all1, busy1) = inside[0], inside[-1]
+    (_, all0, busy0), (_, all1, busy1) = pair
     return 100 * (busy1 - busy0) / (all1 - all0)
 
 
@@ -336,11 +337,11 @@ def run_queue_ns(pids):
 def waited_between(samples, start_ns, end_ns):
     """The largest share (%) of the time between two moments that a
     node's main thread spent waiting for a core, from samples of
-    (monotonic ns, run_queue_ns()): the widest pair inside, else None."""
-    inside = [s for s in samples if start_ns <= s[0] <= end_ns]
-    if len(inside) < 2:
+    (monotonic ns, run_queue_ns()), else None."""
+    pair = widest_inside(samples, start_ns, end_ns)
+    if pair is None:
         return None
-    (t0, waits0), (t1, waits1) = inside[0], inside[-1]
+    (t0, waits0), (t1, waits1) = pair
     shares = [100 * (waits1[pid] - waits0[pid]) / (t1 - t0)
               for pid in waits1 if pid in waits0]
     return max(shares) if shares else None
@@ -2089,7 +2090,8 @@ def main(argv=None):
             took = time.monotonic() - t0
             other = foreign.total - foreign0
             ticks1 = cpu_ticks()
-            steal = (ticks1[1] - ticks0[1]) / max(1, ticks1[0] - ticks0[0])
+            steal = (ticks1[7] - ticks0[7]) / max(
+                1, sum(ticks1) - sum(ticks0))
             ctx.foreign[name] = {'seconds': round(took, 1),
                                  'others_cpu_s': round(other, 2),
                                  'steal': round(steal, 3)}
