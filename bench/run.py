@@ -515,6 +515,8 @@ class Context:
             higher_is_better=True, target_ratio=None, target_value=None):
         """One line of the table."""
         ratio = ours / base if ours is not None and base else None
+        if unit == '%':   # shares: compared as their difference
+            ratio = None
         met = ''
         if target_ratio is not None and ratio is not None:
             met = 'met' if ratio >= target_ratio else 'MISSED'
@@ -1982,6 +1984,9 @@ def table(rows):
     lines = [head]
     for r in rows:
         ratio = f'{r["ratio"]:.2f}x' if r['ratio'] is not None else '-'
+        if (r['unit'] == '%' and r['sneakers23'] is not None
+                and r['baseline'] is not None):
+            ratio = f'{r["sneakers23"] - r["baseline"]:+.0f} pts'
         target = r['target'] or '-'
         if r['target_met']:
             target += f' ({r["target_met"]})'
