@@ -72,7 +72,7 @@ def main():
     parser.add_argument('--streams', type=int, default=9000)
     parser.add_argument('--rounds', type=int, default=7)
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if 2 * args.streams + 64 > hard:
         parser.error(f'{args.streams} streams need {2 * args.streams + 64}'
