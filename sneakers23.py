@@ -454,7 +454,8 @@ class ThreadCommitSqliteDatabase(SqliteDatabase):
     and now and then a checkpoint. On the hub's thread a slow disk froze
     the whole node (a 1.15 s stall seen in a benchmark); on a thread only
     the batch being committed waits. The connection is never used by two
-    threads at once: its owner greenlet waits for the commit.
+    threads at once: its owner greenlet waits for the commit, and is the
+    first to run when it is done (see _call_in_thread_first).
     """
 
     _committer = None
@@ -466,7 +467,45 @@ class ThreadCommitSqliteDatabase(SqliteDatabase):
             ThreadCommitSqliteDatabase._committer = (
                 gevent.threadpool.ThreadPool(1))
         with peewee.__exception_wrapper__:
-            return self._committer.apply(self._state.conn.commit)
+            return _call_in_thread_first(self._committer,
+                                         self._state.conn.commit)
+
+
+LIBEV_MAXPRI = 2   # libev's EV_MAXPRI; io and timers run at 0
+
+
+def _call_in_thread_first(pool, fn):
+    """`pool.apply(fn)`, except that the caller resumes ahead of the
+    hub's other ready greenlets: its wake-up is an async watcher of the
+    highest priority, switched to directly, not a callback queued behind
+    every request that became readable meanwhile."""
+    hub = gevent.get_hub()
+    watcher = hub.loop.async_()
+    watcher.priority = LIBEV_MAXPRI
+    outcome = []
+
+    def work():
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:   # handed to the caller
+            outcome.append((False, e))
+        finally:
+            watcher.send()
+
+    waiter = gevent.hub.Waiter(hub)
+    watcher.start(waiter.switch, None)
+    try:
+        pool.spawn(work)
+        while not outcome:
+            waiter.get()
+            waiter.clear()
+    finally:
+        watcher.stop()
+        watcher.close()
+    ok, value = outcome[0]
+    if ok:
+        return value
+    raise value
 
 
 PG_CONNECT_STALL = 1.0      # s a connect may go without progress
@@ -735,8 +774,10 @@ class DatabaseRunner:
         for loop in self.loops:
             loop.start()
 
-    def run(self, fn, *args, deadline=None):
-        """Call `fn(*args)` with a database connection; return its result.
+    def run(self, fn, *args, deadline=None, then=None):
+        """Call `fn(*args)` with a database connection; return its result
+        (with `then`: `then(result)`, called as soon as `fn` is done, in
+        the greenlet that ran it).
 
         Raises DeadlinePassed when it is not done by `deadline` (a
         `time.monotonic()` moment; default DB_DEADLINE from now).
@@ -747,11 +788,17 @@ class DatabaseRunner:
                 result = self._run_pooled(fn, args, deadline)
             else:
                 job = gevent.event.AsyncResult()
-                self._jobs.put((fn, args, deadline, job))
-                result = job.get()
+                self._jobs.put((fn, args, then, deadline, job))
+                return self._answered(job.get())
         except DB_AWAY:
             self.state, self.answered = 'unavailable', time.monotonic()
             raise
+        # PostgreSQL: outside the deadline and the connection slot, which
+        # are the database's alone.
+        result = self._answered(result)
+        return result if then is None else then(result)
+
+    def _answered(self, result):
         self.state, self.answered = 'ok', time.monotonic()
         return result
 
@@ -791,9 +838,10 @@ class DatabaseRunner:
                 return fn(*args)
 
     def _run_next_job(self):
-        fn, args, deadline, result = self._jobs.get()
+        fn, args, then, deadline, result = self._jobs.get()
         try:
-            result.set(self._retry_when_locked(fn, args, deadline))
+            value = self._retry_when_locked(fn, args, deadline)
+            result.set(value if then is None else then(value))
         except Exception as e:  # the caller gets it
             result.set_exception(e)
 
@@ -2045,20 +2093,28 @@ class WritePath:
         batch = purchases + writes
         deadline = min(job.deadline for job in batch)
         started = time.perf_counter()
-        done, outcomes = self.runner.run(
+
+        def answer(committed):
+            done, outcomes = committed
+            self.committed(len(batch), time.perf_counter() - started)
+            for write, result in zip(writes, done, strict=True):
+                if isinstance(result, DatabaseError):
+                    write.result.set_exception(Unavailable(str(result)))
+                else:
+                    write.result.set(result)
+            for purchase, outcome in zip(purchases, outcomes, strict=True):
+                if isinstance(outcome, Placed):
+                    self.inventory.item_changed(
+                        purchase.item_id, outcome.count, outcome.version)
+                purchase.result.set(outcome)
+            return outcomes
+
+        # Answered by the greenlet that committed, the moment it has: the
+        # hop back to this loop waited behind every request read meanwhile,
+        # and each sale's stock_change with it.
+        outcomes = self.runner.run(
             fn, purchases, writes, self.node, deadline,
-            deadline=deadline + DB_DEADLINE_MARGIN)
-        self.committed(len(batch), time.perf_counter() - started)
-        for write, result in zip(writes, done, strict=True):
-            if isinstance(result, DatabaseError):
-                write.result.set_exception(Unavailable(str(result)))
-            else:
-                write.result.set(result)
-        for purchase, outcome in zip(purchases, outcomes, strict=True):
-            if isinstance(outcome, Placed):
-                self.inventory.item_changed(
-                    purchase.item_id, outcome.count, outcome.version)
-            purchase.result.set(outcome)
+            deadline=deadline + DB_DEADLINE_MARGIN, then=answer)
         for item_id in {p.item_id for p, o in zip(purchases, outcomes,
                                                   strict=True)
                         if o == SOLD_OUT}:
