@@ -1763,6 +1763,8 @@ class Write(Job):
 
     fn: object
     args: tuple
+    then: object = None   # applied to the result once committed, before
+    #                       the requester wakes (memory, see release)
 
 
 @dataclass
@@ -1978,10 +1980,15 @@ class WritePath:
             return False  # memory follows the database: nothing to write
         if at is None:
             at = utcnow()
-            self._write(Product.release, product_id, at)
-            return self.inventory.product_released(product_id, at)
-        released, stored = self._write(Product.release_as_scheduled,
-                                       product_id, at)
+            return self._write(
+                Product.release, product_id, at,
+                then=lambda _: self.inventory.product_released(product_id,
+                                                               at))
+        return self._write(Product.release_as_scheduled, product_id, at,
+                           then=lambda row: self._mark_released(product_id,
+                                                                *row))
+
+    def _mark_released(self, product_id, released, stored):
         if not released:  # cancelled or moved meanwhile: memory was stale
             self.inventory.product_scheduled(product_id, stored, local=False)
             return False
@@ -2002,10 +2009,12 @@ class WritePath:
 
     def restock(self, item_id, count):
         """Add pairs to an item; its new count, or None if it has none."""
-        row = self._write(Availability.add, item_id, count)
-        if row is not None:
-            self.inventory.item_changed(item_id, *row)
-        return row and row[0]
+        def changed(row):
+            if row is not None:
+                self.inventory.item_changed(item_id, *row)
+            return row and row[0]
+
+        return self._write(Availability.add, item_id, count, then=changed)
 
     def write(self, fn, *args):
         """Run `fn(*args)` in the next batch's transaction (a draw's
@@ -2018,9 +2027,11 @@ class WritePath:
             loop.stop()
         self.runner.close()
 
-    def _write(self, fn, *args):
-        """Run `fn(*args)` in the next batch's transaction; its result."""
-        return self._submit(Write(fn, args))
+    def _write(self, fn, *args, then=None):
+        """Run `fn(*args)` in the next batch's transaction; its result,
+        or with `then`: `then(result)`, called as soon as it is committed
+        (before the requester's turn: see _commit_jobs)."""
+        return self._submit(Write(fn, args, then=then))
 
     def _submit(self, job):
         """Queue a job; its result, or Unavailable after its deadline.
@@ -2100,8 +2111,13 @@ class WritePath:
             for write, result in zip(writes, done, strict=True):
                 if isinstance(result, DatabaseError):
                     write.result.set_exception(Unavailable(str(result)))
-                else:
+                elif write.then is None:
                     write.result.set(result)
+                else:
+                    try:
+                        write.result.set(write.then(result))
+                    except Exception as e:   # the requester gets it
+                        write.result.set_exception(e)
             for purchase, outcome in zip(purchases, outcomes, strict=True):
                 if isinstance(outcome, Placed):
                     self.inventory.item_changed(
@@ -4661,12 +4677,17 @@ class Handler(WSGIHandler):
             self.close_connection = True
 
     def handle_one_response(self):
-        super().handle_one_response()
+        # Yield once per request, between reading it and answering it.
         # A keep-alive client that sends its next request at once finds
         # it already buffered, and pywsgi reads it without yielding: under
         # a flood of GETs one connection held the hub for 680 ms (seen in
-        # /healthz hub_lag_ms), delaying every stream. Yield per request.
+        # /healthz hub_lag_ms), delaying every stream. Before the answer,
+        # not after: a request woken by its socket is then answered in
+        # the hub's callbacks, which it bounds per turn, not among the
+        # sockets that became readable, which it does not: the first
+        # burst of a drop's 500 buyers held the hub 87 ms so (traced).
         gevent.sleep(0)
+        super().handle_one_response()
 
     def process_result(self):
         wanted = self.environ.get(STREAM_REQUEST)
