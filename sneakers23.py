@@ -478,8 +478,11 @@ def _call_in_thread_first(pool, fn):
     """`pool.apply(fn)`, except that the caller resumes ahead of the
     hub's other ready greenlets: its wake-up is an async watcher of the
     highest priority, switched to directly, not a callback queued behind
-    every request that became readable meanwhile."""
+    every request that became readable meanwhile. Called from another
+    thread than the pool's hub, `fn()` runs there, as `apply` would."""
     hub = gevent.get_hub()
+    if hub is not pool.hub:
+        return fn()
     watcher = hub.loop.async_()
     watcher.priority = LIBEV_MAXPRI
     outcome = []

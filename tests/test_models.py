@@ -310,3 +310,40 @@ def test_the_deadline_trigger_is_made_once(pg_database):
     first = trigger_oid()
     sneakers23.install_deadline_trigger()
     assert len(first) == 1 and trigger_oid() == first
+
+
+def test_a_commit_on_its_thread_lets_the_hub_run_and_hands_back_errors():
+    """SQLite's COMMIT runs on a native thread while the hub serves
+    others; its result or its error comes back to the waiting greenlet."""
+    import sqlite3
+
+    import gevent
+    import gevent.threadpool
+    from gevent import monkey
+    native_event = monkey.get_original('threading', 'Event')
+    start_thread = monkey.get_original('_thread', 'start_new_thread')
+    pool = gevent.threadpool.ThreadPool(1)
+    try:
+        served = native_event()
+        helper = gevent.spawn(served.set)   # runs only if the hub does
+        # The "COMMIT" waits (without the GIL) for a greenlet to run.
+        assert sneakers23._call_in_thread_first(
+            pool, lambda: served.wait(10)) is True
+        helper.join()
+
+        def disk_full():
+            raise sqlite3.OperationalError('database or disk is full')
+        with pytest.raises(sqlite3.OperationalError, match='disk is full'):
+            sneakers23._call_in_thread_first(pool, disk_full)
+
+        # From another thread than the pool's hub: run in place.
+        done, answer = native_event(), []
+
+        def elsewhere():
+            answer.append(sneakers23._call_in_thread_first(pool,
+                                                           lambda: 42))
+            done.set()
+        start_thread(elsewhere, ())
+        assert pool.apply(done.wait, (10,)) and answer == [42]
+    finally:
+        pool.kill()
