@@ -787,23 +787,19 @@ class DatabaseRunner:
         """
         deadline = deadline or time.monotonic() + DB_DEADLINE
         try:
-            if not self.is_sqlite:
-                result = self._run_pooled(fn, args, deadline)
-            else:
+            if self.is_sqlite:
                 job = gevent.event.AsyncResult()
                 self._jobs.put((fn, args, then, deadline, job))
-                return self._answered(job.get())
+                result, then = job.get(), None   # the writer applied it
+            else:
+                result = self._run_pooled(fn, args, deadline)
         except DB_AWAY:
             self.state, self.answered = 'unavailable', time.monotonic()
             raise
-        # PostgreSQL: outside the deadline and the connection slot, which
-        # are the database's alone.
-        result = self._answered(result)
-        return result if then is None else then(result)
-
-    def _answered(self, result):
         self.state, self.answered = 'ok', time.monotonic()
-        return result
+        # PostgreSQL: `then` outside the deadline and the connection slot,
+        # which are the database's alone.
+        return result if then is None else then(result)
 
     def _probe(self):
         """Keep `state` true when nothing else asks the database (a node
@@ -1766,8 +1762,9 @@ class Write(Job):
 
     fn: object
     args: tuple
-    then: object = None   # applied to the result once committed, before
-    #                       the requester wakes (memory, see release)
+    # Applied to the result in the batch's answer, before the requester
+    # wakes: a release's or restock's change to memory (see _write).
+    then: object = None
 
 
 @dataclass

@@ -1,7 +1,12 @@
 """The database layer: the truth about stock and orders."""
 
+import sqlite3
+
+import gevent
+import gevent.threadpool
 import pytest
 from conftest import PG_URL, fresh_postgres
+from gevent import monkey
 
 import sneakers23
 from sneakers23 import (
@@ -315,11 +320,6 @@ def test_the_deadline_trigger_is_made_once(pg_database):
 def test_a_commit_on_its_thread_lets_the_hub_run_and_hands_back_errors():
     """SQLite's COMMIT runs on a native thread while the hub serves
     others; its result or its error comes back to the waiting greenlet."""
-    import sqlite3
-
-    import gevent
-    import gevent.threadpool
-    from gevent import monkey
     native_event = monkey.get_original('threading', 'Event')
     start_thread = monkey.get_original('_thread', 'start_new_thread')
     pool = gevent.threadpool.ThreadPool(1)
